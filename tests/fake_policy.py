@@ -39,6 +39,7 @@ class FakePolicy:
         self.entered = threading.Event()
         self.batch_sizes: list[int] = []
         self.resets = 0
+        self.threads: set[int] = set()  # OS threads that ran infer_batch / reset
         self._lock = threading.Lock()
 
     def expected_actions(self, obs: dict, mode: str | None = None) -> np.ndarray:
@@ -55,6 +56,7 @@ class FakePolicy:
 
     def infer_batch(self, observations: list[dict], mode: str | None = None, return_video: bool = False) -> list[dict]:
         with self._lock:
+            self.threads.add(threading.get_ident())
             self.batch_sizes.append(len(observations))
             first = len(self.batch_sizes) == 1
         if first and self.gate is not None:
@@ -77,6 +79,7 @@ class FakePolicy:
 
     def reset(self) -> None:
         with self._lock:
+            self.threads.add(threading.get_ident())
             self.resets += 1
 
 

@@ -35,6 +35,7 @@ def test_from_pretrained_metadata_and_shapes(checkpoint):
     policy = FastWAMPolicy.from_pretrained(checkpoint)
     meta = policy.metadata
     assert meta["mode"] == "fast" and meta["action_shape"] == [4, 4]
+    assert meta["frame_stride"] == policy.cfg.data.frame_stride
     assert set(meta["observation_spec"]) == {*policy.camera_keys, "observation/state", "prompt"}
     out = policy.infer(_obs(policy))
     assert out["actions"].shape == (4, 4) and out["actions"].dtype == np.float32

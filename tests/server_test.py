@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 from fastwam.serving import msgpack_numpy as mn
 from fastwam.serving.client import ServerError, WebsocketClient
 from fastwam.serving.protocol import ProtocolError, example_observation, parse_observation_spec, validate_observation
-from fastwam.serving.server import PolicyServer
+from fastwam.serving.server import PolicyServer, policy_thread
 from fastwam.serving.testing import ZeroPolicy
 
 TIMEOUT = 10.0
@@ -112,6 +112,17 @@ def _frame(payload: bytes, opcode: int = 2, mask: bytes = b"\x01\x02\x03\x04") -
 
 
 # --------------------------------------------------------------------------- basics
+
+
+def test_policy_runs_on_the_process_wide_policy_thread() -> None:
+    # torch's OpenMP team belongs to the OS thread: `fastwam serve` loads the policy on `policy_thread()`, so the
+    # server must run inference and reset there too (a second thread doubled small-model latency on 2 cores).
+    policy = FakePolicy()
+    with PolicyServer(policy, "127.0.0.1", 0) as server, WebsocketClient(port=server.port) as client:
+        client.infer(make_observation(seed=1))
+        client.reset()
+        client.infer(make_observation(seed=2))
+    assert policy.threads == {policy_thread().submit(threading.get_ident).result()}
 
 
 def test_healthz_returns_200(served) -> None:

@@ -135,7 +135,8 @@ def _config_overrides(cfg: Config) -> list[str]:
                 if isinstance(value, bool):
                     args.append(flag if value else flag.replace(f"{section}.", f"{section}.no-"))
                 elif isinstance(value, tuple):
-                    args += [flag, *map(str, value)]
+                    if value:  # an empty sequence cannot be written as a flag; () is the default of every tuple field
+                        args += [flag, *map(str, value)]
                 else:
                     args += [flag, str(value)]
     return args

@@ -95,6 +95,8 @@ class FastWAMPolicy:
             "modes": list(MODE_RULES),
             "variant": self.cfg.train.variant,
             "inference_steps": self.cfg.inference.steps,
+            # Actions are predicted at the dataset's control rate; video frames are `frame_stride` steps apart.
+            "frame_stride": self.cfg.data.frame_stride,
             "checkpoint": self.checkpoint,
         }
 
@@ -146,9 +148,8 @@ class FastWAMPolicy:
             compose_cameras([obs[k] for k in self.camera_keys], self.cfg.data) for obs in observations
         ]).to(self.device)
         first = self.codec.encode(frames[:, :, None])
-        state = torch.stack([
-            torch.as_tensor(np.asarray(obs[STATE_KEY], dtype=np.float32)) for obs in observations
-        ])
+        # np.stack copies, so read-only request buffers (msgpack decodes to them) are never wrapped by torch.
+        state = torch.from_numpy(np.stack([np.asarray(obs[STATE_KEY], dtype=np.float32) for obs in observations]))
         state = self.normalizer.normalize("state", state).to(self.device)
         text = self.text_encoder([obs[PROMPT_KEY] for obs in observations]).to(self.device)
         m = self.cfg.model

@@ -93,6 +93,15 @@ def write_report(out: Path, runs: dict, args: Any) -> Path:
     lines += ["## Success rate (pooled over tasks, seeds and episodes; 95 % Wilson interval)", "",
               markdown_table(["variant", "mode", "success", *[t.replace("-v3", "") for t in tasks],
                               "ms / obs (batched eval)"], rows), ""]
+    if any(len(by_variant[v]) > 1 for v in variants):
+        # The pooled intervals above count episodes only; the spread between training seeds shows how much of a
+        # difference between variants a second training run alone could move.
+        seed_rows = [[v, *[fmt_rate(*_rate(_variant_cells([n], results))) + f" ({n})" for n in sorted(by_variant[v])]]
+                     for v in variants]
+        width = max(len(r) for r in seed_rows)
+        seed_rows = [r + [""] * (width - len(r)) for r in seed_rows]
+        lines += ["Per training seed:", "",
+                  markdown_table(["variant", *[f"run {i + 1}" for i in range(width - 1)]], seed_rows), ""]
 
     # --- the paper's comparisons ---------------------------------------------------------------------------------
     comparisons = [("fast", "no_cotrain", "video co-training (fast - no_cotrain)"),

@@ -25,7 +25,7 @@ import numpy as np
 from fastwam.serving.client import WebsocketClient
 from fastwam.serving.msgpack_numpy import packb
 from fastwam.serving.protocol import Policy, example_observation
-from fastwam.serving.server import PolicyServer
+from fastwam.serving.server import PolicyServer, policy_thread
 
 __all__ = ["BenchServeArgs", "cli", "run"]
 
@@ -154,16 +154,21 @@ def run(args: BenchServeArgs) -> dict[str, Any]:
     client_counts = [int(x) for x in args.clients.replace(" ", "").split(",") if x]
     if not client_counts or min(client_counts) < 1:
         raise SystemExit(f"fastwam bench serve: --clients must list positive ints, got {args.clients!r}")
-    policy = _load_policy(args)
+    # Load and time in-process on the server's policy thread, as `fastwam serve` does (see `policy_thread`).
+    policy = policy_thread().submit(_load_policy, args).result()
     obs = example_observation(policy.metadata, seed=0)
 
-    for _ in range(2):  # warm caches / lazy init before timing
-        policy.infer(obs)
-    in_process = []
-    for _ in range(args.in_process_iters):
-        t0 = time.perf_counter()
-        policy.infer(obs)
-        in_process.append((time.perf_counter() - t0) * 1000.0)
+    def time_in_process() -> list[float]:
+        for _ in range(2):  # warm caches / lazy init before timing
+            policy.infer(obs)
+        times = []
+        for _ in range(args.in_process_iters):
+            t0 = time.perf_counter()
+            policy.infer(obs)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
+
+    in_process = policy_thread().submit(time_in_process).result()
 
     server = PolicyServer(policy, "127.0.0.1", 0, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms)
     server.start()
