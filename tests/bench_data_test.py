@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from data_helpers import LEROBOT_FIXTURE
+
 from fastwam.bench.data import BenchDataArgs, run
 from fastwam.cli import main
 

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from data_helpers import LEROBOT_FIXTURE, band_row, edit_info, fixture, write_synthetic
+
 from fastwam.config import DataConfig
 from fastwam.data.clips import ClipDataset, collate, make_dataloader
 from fastwam.data.lerobot import DatasetError, LeRobotReader

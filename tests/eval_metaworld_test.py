@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("metaworld")
 
-from fastwam.eval import stats  # noqa: E402
 from fastwam.eval import metaworld as mwe  # noqa: E402
+from fastwam.eval import stats  # noqa: E402
 
 TASK = "drawer-close-v3"  # short expert episodes (~80 steps), so the tiny dataset is quick to make
 
@@ -145,7 +145,6 @@ def _check_results_file(out, modes, batch):
 
 def test_tiny_checkpoint_eval_writes_results_and_videos(tiny_checkpoint, tmp_path):
     import imageio.v3 as iio
-
     import torch
 
     torch.set_num_threads(2)  # evaluate() drops to 1 thread beside env workers, then restores this

@@ -174,7 +174,8 @@ def test_padding_masks_exclude_padded_steps(tiny_cfg):
     no_actions = torch.zeros(2, m.action_horizon, dtype=torch.bool)
     only_first_frame = torch.zeros(2, m.latent_frames, dtype=torch.bool)
     only_first_frame[:, 0] = True
-    out = model.loss(**inp, variant=VARIANTS["fast"], latent_mask=only_first_frame, action_mask=no_actions, generator=g())
+    out = model.loss(**inp, variant=VARIANTS["fast"], latent_mask=only_first_frame, action_mask=no_actions,
+                     generator=g())
     assert out.action == 0 and out.video == 0  # frame 0 is never in the video loss; everything else is padding
     full = model.loss(**inp, variant=VARIANTS["fast"], generator=g())
     partial_mask = torch.ones(2, m.action_horizon, dtype=torch.bool)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from data_helpers import LEROBOT_FIXTURE, band_row, fixture, write_synthetic
+
 from fastwam.data.lerobot import DatasetError, LeRobotReader, LeRobotWriter, _VideoFile, iter_files
 
 

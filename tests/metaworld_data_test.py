@@ -11,12 +11,13 @@ import pytest
 
 pytest.importorskip("metaworld")
 
+from lerobot_test import compare_to_fixture  # noqa: E402
+
 from fastwam.config import DataConfig  # noqa: E402
 from fastwam.data.clips import ClipDataset  # noqa: E402
 from fastwam.data.lerobot import LeRobotReader  # noqa: E402
 from fastwam.data.metaworld import GenArgs, generate  # noqa: E402
 from fastwam.envs.metaworld import INSTRUCTIONS, MT10, TASK_SETS, MetaWorldEnv, parse_tasks  # noqa: E402
-from lerobot_test import compare_to_fixture  # noqa: E402
 
 TASKS = "reach,push-v3"
 

@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from fastwam import checkpoint as ckpt_io

@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from fastwam.config import DataConfig
-from fastwam.data.transforms import (canvas_size, compose_cameras, compose_cameras_batch, compose_cameras_uint8,
-                                     resize_crop)
+from fastwam.data.transforms import (
+    canvas_size,
+    compose_cameras,
+    compose_cameras_batch,
+    compose_cameras_uint8,
+    resize_crop,
+)
 
 
 def _img(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from fastwam.model.visibility import (
-    FAST_RULE, IDM_RULE, JOINT_RULE, VARIANTS, Group, Rel, get_variant, group_table,
+    FAST_RULE,
+    IDM_RULE,
+    JOINT_RULE,
+    VARIANTS,
+    Group,
+    Rel,
+    get_variant,
+    group_table,
 )
 
 V, C, A = Group.VIDEO, Group.COND, Group.ACTION

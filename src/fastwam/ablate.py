@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
-
 from fastwam.config import Config
 
 VARIANT_MODES = {"fast": "fast", "joint": "joint", "idm": "idm", "no_cotrain": "fast"}
@@ -105,9 +103,10 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                             + eval_args(args.eval_episodes),
                             eval_dir / "results.json", after=(f"train_{name}",)))
             runs[name] = {"variant": variant, "seed": seed, "run_dir": run_dir, "eval_dir": eval_dir}
-    # Batch-1 latency of each inference mode for the same architecture (random weights: latency does not depend on them).
+    # Batch-1 latency of each inference mode for the preset's architecture (random weights: latency does not depend on
+    # them; `bench latency` takes presets only, so model overrides on the command line are not reflected here).
     modes = ",".join(sorted({VARIANT_MODES[v] for v in variants}, key=["fast", "joint", "idm"].index))
-    jobs.append(Job("latency", _py() + ["bench", "latency", "--preset", "small_cpu", "--modes", modes, "--threads", "1",
+    jobs.append(Job("latency", _py() + ["bench", "latency", "--preset", cfg.name, "--modes", modes, "--threads", "1",
                                         "--out", str(out / "latency.json")], out / "latency.json"))
     if args.baselines:
         for baseline in ("zero", "random"):
@@ -124,8 +123,8 @@ def _config_overrides(cfg: Config) -> list[str]:
     """The non-default fields of the chosen config as CLI overrides (so subprocesses see the same config)."""
     from fastwam.config import get_preset
 
-    base = get_preset("small_cpu")
-    args = ["--preset", "small_cpu"]
+    base = get_preset(cfg.name)
+    args = ["--preset", cfg.name]
     for section in ("model", "codec", "text", "data", "train", "inference"):
         mine, theirs = getattr(cfg, section), getattr(base, section)
         for f in dataclasses.fields(mine):
@@ -204,4 +203,7 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
 
     report = write_report(out, runs, args)
     print(f"[ablate] done in {(time.time() - t0) / 60:.1f} min; report: {report}")
+    videos = sorted(out.glob("eval/*/videos/*.mp4"))
+    if videos:
+        print(f"[ablate] {len(videos)} rollout videos under {out / 'eval'}/*/videos/, e.g. {videos[0]}")
     return 0

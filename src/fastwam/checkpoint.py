@@ -153,7 +153,8 @@ def load_weights(module: torch.nn.Module, file: str | Path, what: str = "model",
               for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        more = " ..." if len(missing) > 8 else ""
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}")
     if shapes:

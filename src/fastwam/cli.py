@@ -14,7 +14,8 @@ import sys
 # (command words) -> ("module:function", one-line help). The function takes the remaining argv.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("fastwam.demo:cli", "the CPU Meta-World demo end to end: data -> train -> evaluate -> report"),
-    ("data", "metaworld"): ("fastwam.data.metaworld:cli", "generate scripted Meta-World demos as a LeRobot v3.0 dataset"),
+    ("data", "metaworld"): ("fastwam.data.metaworld:cli",
+                            "generate scripted Meta-World demos as a LeRobot v3.0 dataset"),
     ("train",): ("fastwam.train:cli", "train a policy (any preset / variant) on a LeRobot dataset"),
     ("serve",): ("fastwam.serving.server:cli", "serve a checkpoint over the openpi websocket protocol"),
     ("eval", "metaworld"): ("fastwam.eval.metaworld:cli", "closed-loop Meta-World evaluation of a checkpoint"),

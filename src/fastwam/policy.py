@@ -19,7 +19,7 @@ import torch
 
 from fastwam import checkpoint as ckpt_io
 from fastwam.config import Config
-from fastwam.data.normalize import NormStats, Normalizer
+from fastwam.data.normalize import Normalizer, NormStats
 from fastwam.data.transforms import compose_cameras
 from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM

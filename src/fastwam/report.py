@@ -68,7 +68,8 @@ def write_report(out: Path, runs: dict, args: Any) -> Path:
         lines += [
             f"Budget: tasks `{a['tasks']}`; {a['episodes_per_task']} scripted demos per task; "
             f"{a['train_steps']} training steps per model (batch {meta['config']['train']['batch_size']}, "
-            f"preset `{meta['config']['name']}`); training seeds `{a['seeds']}`; evaluation seeds `{a['eval_seeds']}` x "
+            f"preset `{meta['config']['name']}`); training seeds `{a['seeds']}`; "
+            f"evaluation seeds `{a['eval_seeds']}` x "
             f"{a['eval_episodes']} episodes per task; re-plan every {a['replan']} actions; max {a['max_steps']} steps.",
             "",
         ]
@@ -171,7 +172,8 @@ def _verdict(diffs: dict) -> str:
     if co is not None:
         parts.append(
             f"video co-training changes success by {100 * co['diff']:+.1f} points "
-            + ("(the interval excludes zero)" if sig(co) else "(the interval includes zero: not resolved at this budget)"))
+            + ("(the interval excludes zero)" if sig(co)
+               else "(the interval includes zero: not resolved at this budget)"))
     for key, name in ((("joint", "fast"), "joint imagination"), (("idm", "fast"), "IDM imagination")):
         d = diffs.get(key)
         if d is not None:

@@ -30,7 +30,6 @@ from fastwam.model.fastwam import FastWAM, TrainingNoise
 from fastwam.model.text import TextEncoder, build_text_encoder
 from fastwam.model.visibility import get_variant
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Pieces shared with evaluation / policy
 

@@ -120,7 +120,7 @@ class _Worker:
             _, _, old = self.idle.pop(0)
             old.close()
 
-    # -- commands --------------------------------------------------------------------------------------------------------
+    # -- commands ------------------------------------------------------------------------------------------------
     def _begin(self, slot_id: int, spec: EpisodeSpec) -> dict:
         slot = self.slots.setdefault(slot_id, _Slot())
         self._acquire(slot, spec)

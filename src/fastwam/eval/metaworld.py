@@ -12,8 +12,9 @@ Protocol
   fails at `max_steps` (default 300).
 - Environments step in worker processes (`EnvPool`); the policy runs in this process with ONE batched call over all
   environments waiting for a chunk. With `--pipeline on` (default for a GPU policy) the environments form two blocks
-  taking turns, so the policy's call for one block overlaps the simulators stepping the other. Results do not depend on the number of workers or environments: each episode's
-  layout is fixed by its spec and the policy's sampling noise is per observation, not per batch.
+  taking turns, so the policy's call for one block overlaps the simulators stepping the other. Results do not depend
+  on the number of workers or environments: each episode's layout is fixed by its spec and the policy's sampling
+  noise is per observation, not per batch.
 
 Policies: a checkpoint (in-process `FastWAMPolicy`), a websocket server (`--server ws://host:port`, one client per
 environment, requests sent concurrently so the server can micro-batch them), or baselines: `zero` (all-zero
@@ -115,7 +116,8 @@ def _recorded_image_size(cfg: Any, cameras: Sequence[str]) -> tuple[int, int] | 
     if info is None or not info.is_file():
         return None
     feats = json.loads(info.read_text()).get("features", {})
-    sizes = {tuple(feats[f"observation.images.{c}"]["shape"][:2]) for c in cameras if f"observation.images.{c}" in feats}
+    keys = [f"observation.images.{c}" for c in cameras]
+    sizes = {tuple(feats[k]["shape"][:2]) for k in keys if k in feats}
     return tuple(int(x) for x in sizes.pop()) if len(sizes) == 1 else None  # type: ignore[return-value]
 
 
@@ -635,7 +637,8 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                             "episode": spec.episode, "success": bool(e["success"]), "length": int(e["length"])})
             successes += bool(e["success"])
             if e["frames"] is not None and out is not None:
-                name = f"{mode}_{spec.task}_seed{spec.seed}_ep{spec.episode:02d}_{'success' if e['success'] else 'fail'}"
+                outcome = "success" if e["success"] else "fail"
+                name = f"{mode}_{spec.task}_seed{spec.seed}_ep{spec.episode:02d}_{outcome}"
                 frames = compose_video(e["frames"], run.imagined, adapter.frame_stride)
                 video_paths.append(str(write_video(out / "videos" / name, frames)))
             run.imagined, run.steps = [], 0
@@ -752,7 +755,8 @@ def _assemble(adapter: _Adapter, runs: list[dict], modes: list[str], tasks: list
         "cells": cells,
         "summary": summary,
         "latency": latency,
-        "throughput": {"env_steps": total_steps, "rollout_s": rollout_s, "env_steps_per_s": total_steps / max(rollout_s, 1e-9),
+        "throughput": {"env_steps": total_steps, "rollout_s": rollout_s,
+                       "env_steps_per_s": total_steps / max(rollout_s, 1e-9),
                        "pool_start_s": pool_start_s, "wall_s": wall_s, "render_every_step": not render_flag},
         "videos": videos,
     }

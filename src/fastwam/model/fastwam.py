@@ -106,7 +106,7 @@ class FastWAM(nn.Module):
         latent_mask [B, F] / action_mask [B, Ha]: False marks padding past the episode end (excluded from the loss).
         noise: explicit noise (e.g. the rank's slice of a global batch's draw); else drawn from `generator`.
         """
-        b, device = latents.shape[0], latents.device
+        device = latents.device
         if noise is None:
             noise = TrainingNoise.draw(variant, latents.shape, actions.shape, generator, device, latents.dtype)
         sigma_v, sigma_a, noise_a = noise.sigma_v, noise.sigma_a, noise.noise_a
@@ -127,7 +127,8 @@ class FastWAM(nn.Module):
             # IDM: a clean copy of the video conditions the actions; noised with probability cond_noise_prob.
             cond = flow.add_noise(latents, noise.noise_c, noise.sigma_c)
             cond[:, :, :1] = latents[:, :, :1]
-            streams.append(self.video.to_stream(cond, self.video.token_timesteps(cond, noise.sigma_c), video_ctx, Group.COND))
+            cond_t = self.video.token_timesteps(cond, noise.sigma_c)
+            streams.append(self.video.to_stream(cond, cond_t, video_ctx, Group.COND))
 
         streams.append(self.action.to_stream(flow.add_noise(actions, noise_a, sigma_a), 1000.0 * sigma_a, action_ctx))
 

@@ -8,7 +8,6 @@ the same warp of linspace(1, 0, N + 1).
 
 from __future__ import annotations
 
-
 import torch
 
 DEFAULT_SHIFT = 5.0

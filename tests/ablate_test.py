@@ -1,0 +1,52 @@
+"""`fastwam ablate` end to end on the tiny preset: demos -> trainings -> evaluations -> report, then a resumed run."""
+
+import json
+
+from fastwam import ablate
+
+TASK = "reach-v3"
+
+
+def _argv(out) -> list[str]:
+    return ["--preset", "tiny", "--out", str(out), "--tasks", TASK, "--episodes-per-task", "2",
+            "--train-steps", "2", "--variants", "fast,no_cotrain", "--eval-episodes", "1", "--eval-seeds", "0",
+            "--max-steps", "8", "--replan", "2",
+            "--baseline-episodes", "1", "--videos", "0", "--config.train.batch-size", "2",
+            "--config.train.save-every", "2"]
+
+
+def test_plan_orders_jobs_and_passes_the_config_on(tmp_path):
+    from fastwam.train import parse_with_preset
+
+    args = parse_with_preset(_argv(tmp_path) + ["--config.train.lr", "0.002"], ablate.AblateArgs, "test")
+    jobs, runs = ablate.plan(args)
+    names = [j.name for j in jobs]
+    assert names[0] == "data" and set(runs) == {"fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"}
+    # The costlier training first; every evaluation waits for its training, every training for the data.
+    assert names.index("train_fast_s0") < names.index("train_no_cotrain_s0")
+    by_name = {j.name: j for j in jobs}
+    assert by_name["eval_fast_s0"].after == ("train_fast_s0",) and by_name["train_fast_s0"].after == ("data",)
+    train_cmd = by_name["train_no_cotrain_s0"].cmd
+    assert train_cmd[train_cmd.index("--preset") + 1] == "tiny"
+    assert train_cmd[train_cmd.index("--config.train.lr") + 1] == "0.002"
+    assert train_cmd[train_cmd.index("--variant") + 1] == "no_cotrain"
+    eval_cmd = by_name["eval_no_cotrain_s0"].cmd
+    assert eval_cmd[eval_cmd.index("--mode") + 1] == "fast"  # no_cotrain is evaluated in the fast mode
+
+
+def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert ablate.cli(_argv(out)) == 0
+    first = capsys.readouterr().out
+    assert "train_fast_s0: finished" in first and "eval_baseline_random: finished" in first
+    for name in ("fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"):
+        results = json.loads((out / "eval" / name / "results.json").read_text())
+        assert results["cells"][0]["task"] == TASK and results["cells"][0]["episodes"] == 1
+    report = (out / "report.md").read_text()
+    assert "| fast | fast |" in report and "| no_cotrain | fast |" in report and "video co-training" in report
+    assert json.loads((out / "ablation.json").read_text())["args"]["train_steps"] == 2
+
+    # Re-running the same command does no work again: every job's output is there.
+    assert ablate.cli(_argv(out)) == 0
+    second = capsys.readouterr().out
+    assert "starting" not in second and second.count("done already, skipping") == 8
