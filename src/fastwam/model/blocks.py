@@ -61,7 +61,7 @@ class Attention(nn.Module):
     """q/k/v/out projections and q/k RMSNorm of one attention (diffusers' `WanAttention` parameters).
 
     The attention itself is not computed here: self-attention goes through the shared MoT attention, and
-    cross-attention through `cross_attend`.
+    cross-attention through `cross_attend` with the context's keys/values from `context_kv`.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float, kv_dim: int | None = None):
@@ -94,11 +94,13 @@ class Attention(nn.Module):
         """[B, H, S, Dh] -> [B, S, dim]"""
         return self.to_out[0](attn.transpose(1, 2).flatten(2))
 
-    def cross_attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values [B, H, L, Dh] of a context [B, L, kv_dim]."""
+        return self.heads(self.norm_k(self.to_k(context))), self.heads(self.to_v(context))
+
+    def cross_attend(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self.heads(self.norm_q(self.to_q(x)))
-        k = self.heads(self.norm_k(self.to_k(context)))
-        v = self.heads(self.to_v(context))
-        return self.output(F.scaled_dot_product_attention(q, k, v))
+        return self.output(F.scaled_dot_product_attention(q, *context_kv))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,9 +234,9 @@ class DiTBlock(nn.Module):
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         return self.attn1.project_qkv(h, rope)
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], context: torch.Tensor):
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], context_kv: tuple):
         gate, c_shift, c_scale, c_gate = mod[2], mod[3], mod[4], mod[5]
         x = (x.float() + self.attn1.output(attn) * gate).type_as(x)
-        x = x + self.attn2.cross_attend(self.norm2(x.float()).type_as(x), context)
+        x = x + self.attn2.cross_attend(self.norm2(x.float()).type_as(x), context_kv)
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)

@@ -161,7 +161,7 @@ class FastWAM(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Inference
 
-    def prefill(self, video: torch.Tensor, video_ctx: torch.Tensor, rule: VisibilityRule, group=Group.VIDEO) -> KVCache:
+    def prefill(self, video: torch.Tensor, video_ctx, rule: VisibilityRule, group=Group.VIDEO) -> KVCache:
         """Run clean video latents (t = 0) through the video expert once, recording every layer's K/V."""
         cache = KVCache()
         timestep = torch.zeros(video.shape[0], 1, device=video.device)
@@ -169,7 +169,7 @@ class FastWAM(nn.Module):
         return cache
 
     def action_velocity(
-        self, x: torch.Tensor, sigma: float, cache: KVCache, action_ctx: torch.Tensor, rule: VisibilityRule
+        self, x: torch.Tensor, sigma: float, cache: KVCache, action_ctx, rule: VisibilityRule
     ) -> torch.Tensor:
         """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]."""
         timestep = torch.full((x.shape[0],), 1000.0 * float(sigma), device=x.device)
@@ -214,6 +214,8 @@ class FastWAM(nn.Module):
             video_noise = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
         sigmas = flow.euler_sigmas(steps, shift).tolist()
         video_ctx, action_ctx = self.contexts(text, state)
+        # The contexts are the same at every denoising step: project their cross-attention K/V once.
+        video_ctx, action_ctx = self.video.cross_kv(video_ctx), self.action.cross_kv(action_ctx)
         x_a = action_noise.to(dtype)
 
         if mode == "joint":
@@ -235,7 +237,7 @@ class FastWAM(nn.Module):
         return SampleOutput(actions=x_a, video=video if return_video else None)
 
     def imagine(
-        self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx: torch.Tensor, sigmas, rule
+        self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule
     ) -> torch.Tensor:
         """Denoise future video latents with the video expert alone (actions are invisible to video)."""
         b = first_latent.shape[0]

@@ -30,7 +30,9 @@ class Stream:
     time_mod: torch.Tensor  # [B, S or 1, 6, D_expert]
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [S, head_dim / 2]
     first_frame: torch.Tensor  # bool [S]: token belongs to latent frame 0
-    context: torch.Tensor  # [B, L, D_expert] text (+ state) context projected by this expert
+    # [B, L, D_expert] text (+ state) context projected by this expert, or its per-layer cross-attention K/V from
+    # `Expert.cross_kv` (samplers compute those once: the context does not change over the denoising steps).
+    context: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]
 
     def __len__(self) -> int:
         return self.x.shape[1]
@@ -112,4 +114,6 @@ def _layer(i, streams, xs, mask, prefix, record, skip_output: bool = False, plan
         k = torch.cat([prefix[0], k], dim=2)
         v = torch.cat([prefix[1], v], dim=2)
     out = joint_attention(q, k, v, mask, plan).split([x.shape[1] for x in xs], dim=2)
-    return [b.finish(x, o, m, s.context) for b, x, o, m, s in zip(blocks, xs, out, mods, streams)]
+    ctx = [s.context[i] if isinstance(s.context, list) else b.attn2.context_kv(s.context)
+           for b, s in zip(blocks, streams)]
+    return [b.finish(x, o, m, c) for b, x, o, m, c in zip(blocks, xs, out, mods, ctx)]
