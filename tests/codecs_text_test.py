@@ -1,10 +1,11 @@
-"""Contracts: the pixel codec is an exact round trip; the hash text encoder is reproducible from its config."""
+"""Contracts: the pixel codec is an exact round trip; the DCT codec is an orthonormal low-pass with normalised
+latents; the hash text encoder is reproducible from its config."""
 
 import pytest
 import torch
 
 from fastwam.config import CodecConfig, TextConfig
-from fastwam.model.codecs import PixelCodec, build_codec
+from fastwam.model.codecs import DCTCodec, PixelCodec, build_codec, fit_codec_stats
 from fastwam.model.text import HashTextEncoder, build_text_encoder
 
 
@@ -18,6 +19,39 @@ def test_pixel_codec_round_trip_and_shapes():
     assert torch.equal(lat[0, :, 1, 0, 0].reshape(3, 4, 4), video[0, :, 1, :4, :4])
     with pytest.raises(ValueError, match="not divisible"):
         codec.encode(torch.zeros(1, 3, 1, 10, 16))
+
+
+def test_dct_codec_is_an_orthonormal_low_pass():
+    cfg = CodecConfig(kind="dct", space_factor=8, dct_diagonals=4)
+    codec = build_codec(cfg)
+    assert codec.latent_channels == cfg.latent_channels() == 30  # 10 frequencies (u + v < 4) per colour
+    assert torch.allclose(codec.basis @ codec.basis.T, torch.eye(30), atol=1e-6)
+    # Latents -> frames -> latents is exact (every latent is a representable low-pass image) ...
+    z = torch.randn(2, 30, 3, 2, 4)
+    assert torch.allclose(codec.encode(codec.decode(z)), z, atol=1e-5)
+    # ... and frames -> latents -> frames removes exactly the energy of the dropped frequencies (Parseval).
+    video = torch.rand(2, 3, 3, 16, 32) * 2 - 1
+    kept = codec.coefficients(video)
+    residual = (video - codec.decode(codec.encode(video))).pow(2).sum()
+    assert torch.allclose(residual, video.pow(2).sum() - kept.pow(2).sum(), rtol=1e-4)
+    # The DC coefficient of a constant patch is f * value (orthonormal DCT), every other coefficient 0.
+    flat = torch.full((1, 3, 1, 8, 8), 0.5)
+    coef = codec.coefficients(flat)[0, :, 0, 0, 0].reshape(3, 10)
+    assert torch.allclose(coef[:, 0], torch.full((3,), 4.0)) and coef[:, 1:].abs().max() < 1e-6
+
+
+def test_dct_codec_statistics_normalise_the_latents():
+    cfg = CodecConfig(kind="dct", space_factor=4, dct_diagonals=3)
+    video = (torch.rand(8, 3, 2, 16, 16) * 0.4 + 0.3).clamp(-1, 1)
+    fitted = fit_codec_stats(cfg, video)
+    assert len(fitted.latents_mean) == len(fitted.latents_std) == cfg.latent_channels() == 18
+    z = build_codec(fitted).encode(video)
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-4
+    assert (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 1e-3
+    assert torch.allclose(build_codec(fitted).decode(z), build_codec(cfg).decode(build_codec(cfg).encode(video)),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="18 values each"):
+        DCTCodec(4, 3, mean=(0.0,) * 17, std=(1.0,) * 17)
 
 
 def test_latent_frame_mask():

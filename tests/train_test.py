@@ -41,6 +41,25 @@ def test_each_variant_trains_with_finite_falling_loss(tmp_path, variant):
         assert all(e["video"] > 0 for e in res.losses)
 
 
+def test_dct_codec_statistics_are_fitted_on_the_data_and_stored(tmp_path):
+    from fastwam.config import CodecConfig
+    from fastwam.policy import FastWAMPolicy
+
+    cfg = _cfg(steps=4).replace(codec=CodecConfig(kind="dct", space_factor=2, dct_diagonals=2))
+    train(cfg, tmp_path / "run", dataset=_data(cfg), progress=False)
+    saved = ckpt_io.load_config(ckpt_io.resolve_checkpoint(tmp_path / "run"))
+    assert saved.model.latent_channels == 9 and len(saved.codec.latents_std) == 9
+    assert all(s > 0 for s in saved.codec.latents_std)
+    # The policy rebuilds exactly that codec from the checkpoint alone.
+    policy = FastWAMPolicy.from_pretrained(tmp_path / "run")
+    assert policy.codec.std.tolist() == pytest.approx(list(saved.codec.latents_std))
+    # Resuming keeps the stored statistics even if the data changed meanwhile.
+    train(cfg.replace(train=dataclasses.replace(cfg.train, steps=8)), tmp_path / "run",
+          dataset=_data(cfg, n=9), progress=False, resume=True)
+    resumed = ckpt_io.load_config(ckpt_io.resolve_checkpoint(tmp_path / "run"))
+    assert resumed.codec == saved.codec
+
+
 def test_resume_equals_straight_run(tmp_path):
     cfg = _cfg(steps=8)
     data = _data(cfg)

@@ -58,22 +58,34 @@ class ModelConfig:
 class CodecConfig:
     """Maps frames in [-1, 1] to latents and back.
 
-    `pixel`: space-to-depth by `space_factor` (exact, parameter-free; for CPU presets).
+    `pixel`: space-to-depth by `space_factor` (exact, parameter-free; 3 * space_factor**2 channels).
+    `dct`: the low-frequency 2-D DCT coefficients of each space_factor x space_factor block (JPEG's transform, fixed),
+      normalised per channel like the Wan VAE's latents: a compact latent for CPU presets (see `model/codecs.py`).
     `wan_vae`: the frozen Wan2.2 VAE (diffusers AutoencoderKLWan) loaded from `path` (a local directory).
     """
 
-    kind: Literal["pixel", "wan_vae"] = "pixel"
+    kind: Literal["pixel", "dct", "wan_vae"] = "pixel"
     space_factor: int = 8
     path: str = ""
+    # dct: keep the frequencies (u, v) with u + v < dct_diagonals in every colour channel (4 -> 10 per channel).
+    dct_diagonals: int = 4
+    # dct: per-channel latent statistics; empty = fitted on the training data when training starts (then stored here).
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
 
     def latent_channels(self) -> int:
-        return 3 * self.space_factor**2 if self.kind == "pixel" else 48
+        if self.kind == "pixel":
+            return 3 * self.space_factor**2
+        if self.kind == "dct":
+            d = min(self.dct_diagonals, 2 * self.space_factor - 1)
+            return 3 * sum(1 for u in range(self.space_factor) for v in range(self.space_factor) if u + v < d)
+        return 48
 
     def spatial_factor(self) -> int:
-        return self.space_factor if self.kind == "pixel" else 16
+        return self.space_factor if self.kind in ("pixel", "dct") else 16
 
     def temporal_factor(self) -> int:
-        return 1 if self.kind == "pixel" else 4
+        return 1 if self.kind in ("pixel", "dct") else 4
 
 
 @dataclass(frozen=True)
@@ -237,11 +249,12 @@ def _small_cpu() -> Config:
     return Config(
         name="small_cpu",
         model=ModelConfig(
-            latent_channels=192, patch_size=(1, 2, 2), video_ffn_dim=512, num_heads=4, head_dim=32, num_layers=4,
+            latent_channels=30, patch_size=(1, 2, 2), video_ffn_dim=512, num_heads=4, head_dim=32, num_layers=4,
             action_hidden_dim=96, action_ffn_dim=384, freq_dim=64, text_dim=64, rope_max_seq_len=256,
             action_dim=4, state_dim=4, action_horizon=16,
         ),
-        codec=CodecConfig(kind="pixel", space_factor=8),
+        # DCT latents: 30 channels -> 120-value tokens, within the 128-wide video expert (see model/codecs.py).
+        codec=CodecConfig(kind="dct", space_factor=8, dct_diagonals=4),
         text=TextConfig(kind="hash", max_len=16, vocab_size=4096),
         data=DataConfig(image_size=(64, 64), num_frames=3, frame_stride=8, action_horizon=16),
         train=TrainConfig(steps=4000, batch_size=32, lr=5e-4, warmup_frac=0.05, log_every=20, save_every=1000,

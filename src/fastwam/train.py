@@ -48,6 +48,25 @@ def resolve_config(cfg: Config, dataset, codec: LatentCodec) -> Config:
     return cfg.replace(model=model, data=data)
 
 
+CODEC_FIT_CLIPS = 512
+
+
+def fit_codec(cfg: Config, dataset) -> Config:
+    """Measure a `dct` codec's per-channel latent statistics on the training clips when the config has none.
+
+    The clips are a fixed sample (seed 0, not the training seed), so every variant and seed trained on one dataset
+    gets the same codec; the statistics are stored in the checkpoint's config.json like a VAE's latents_mean/std.
+    """
+    if cfg.codec.kind != "dct" or cfg.codec.latents_std:
+        return cfg
+    from fastwam.model.codecs import fit_codec_stats
+
+    n = min(CODEC_FIT_CLIPS, len(dataset))
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    videos = torch.stack([torch.as_tensor(dataset[i]["video"]) for i in picks])
+    return cfg.replace(codec=fit_codec_stats(cfg.codec, videos))
+
+
 def stats_dict(dataset) -> dict:
     stats = dataset.stats
     return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
@@ -188,6 +207,7 @@ def train(
         dataset = ClipDataset(cfg.data, split="train")
         if val_dataset is None and cfg.data.val_episodes > 0:
             val_dataset = ClipDataset(cfg.data, split="val", stats=dataset.stats)
+    cfg = fit_codec(cfg, dataset)
     codec = build_codec(cfg.codec).to(device).eval()
     cfg = resolve_config(cfg, dataset, codec)
     text_encoder = build_text_encoder(cfg.text, cfg.model.text_dim).to(device).eval()
@@ -206,9 +226,10 @@ def train(
                     f"cannot resume {resume_from}: its model config differs from this run's "
                     f"({_diff(saved.model, cfg.model)})"
                 )
-            # Keep the saved config; only the step budget may change on resume.
+            # Keep the saved config (its codec statistics included); only the step budget may change on resume.
             cfg = saved.replace(train=dataclasses.replace(saved.train, steps=tc.steps))
             tc = cfg.train
+            codec = build_codec(cfg.codec).to(device).eval()
 
     torch.manual_seed(tc.seed)
     if tc.init_from_wan and resume_from is None:

@@ -18,7 +18,7 @@ import torch
 import tyro
 
 from fastwam.config import get_preset
-from fastwam.model.codecs import PixelCodec
+from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM
 
 
@@ -74,7 +74,7 @@ def run(args: LatencyArgs) -> dict:
     h, w = cfg.data.image_size
     n_cams = max(1, len(cfg.data.cameras) or 2)
     width = w * n_cams if cfg.data.layout == "side_by_side" else w
-    codec = PixelCodec(cfg.codec.space_factor) if cfg.codec.kind == "pixel" else None
+    codec = build_codec(cfg.codec) if cfg.codec.kind in ("pixel", "dct") else None  # the VAE's latents are given
     s = cfg.codec.spatial_factor()
     frame = torch.rand(args.batch, 3, 1, h, width, device=device, dtype=dtype) * 2 - 1
     latent = torch.randn(args.batch, m.latent_channels, 1, h // s, width // s, device=device, dtype=dtype)
