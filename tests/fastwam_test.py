@@ -71,6 +71,22 @@ def test_cached_fast_inference_equals_full_masked_forward(tiny_cfg):
     assert (out.actions - x_full).abs().max() <= 1e-5
 
 
+def test_fast_action_loop_builds_its_mask_once(tiny_cfg, monkeypatch):
+    """Mask building syncs with the device; the action-only steps reuse the first step's mask (and split plan)."""
+    from fastwam.model import mot
+
+    model, inp = _model(tiny_cfg), _inputs(tiny_cfg)
+    calls = []
+    real = mot.build_mask
+    monkeypatch.setattr(mot, "build_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    noise = torch.randn_like(inp["actions"])
+    out = model.sample(inp["latents"][:, :, :1], inp["text"], inp["state"], "fast", steps=6, action_noise=noise)
+    assert len(calls) == 2  # the prefill, then the first of the 6 action steps
+    monkeypatch.setattr(mot, "build_mask", real)
+    again = model.sample(inp["latents"][:, :, :1], inp["text"], inp["state"], "fast", steps=6, action_noise=noise)
+    assert torch.equal(out.actions, again.actions)
+
+
 @torch.no_grad()
 def test_idm_cache_equals_full_masked_forward(tiny_cfg):
     """IDM: actions over the cached clean video == full forward over [noisy video | cond video | actions]."""

@@ -49,6 +49,10 @@ class KVCache:
     values: list[torch.Tensor] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
     first_frame: torch.Tensor | None = None
+    # (mask, attention plan) of the action-only steps that attend to this prefix, keyed by (rule, action tokens):
+    # every denoising step has the same layout, and building the mask synchronises with the device (`mask.all()`,
+    # the split plan's host copy), so it is done on the first step only and the loop stays free of host syncs.
+    step_masks: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return 0 if self.group_ids is None else len(self.group_ids)
@@ -82,9 +86,16 @@ def run_layers(
     record: store this call's per-layer K/V (for later calls to use as a prefix).
     need_output: False skips the last layer's output half (only the recorded K/V are wanted).
     """
-    mask = build_mask(rule, streams, cache)
-    # GPU: per-query-block unmasked attention instead of the dense mask (see attention.py); None = dense path.
-    plan = attention_plan(mask, streams[0].x.device)
+    # Action tokens' layout (all outside latent frame 0) depends only on their count, so it can key the memo.
+    key = (rule.name, tuple(len(s) for s in streams)) if all(s.group == Group.ACTION for s in streams) else None
+    if cache is not None and key is not None and key in cache.step_masks:
+        mask, plan = cache.step_masks[key]
+    else:
+        mask = build_mask(rule, streams, cache)
+        # GPU: per-query-block unmasked attention instead of the dense mask (see attention.py); None = dense path.
+        plan = attention_plan(mask, streams[0].x.device)
+        if cache is not None and key is not None:
+            cache.step_masks[key] = (mask, plan)
     if record is not None:
         record.group_ids = torch.cat([s.group_ids() for s in streams])
         record.first_frame = torch.cat([s.first_frame for s in streams])
