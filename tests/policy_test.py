@@ -42,6 +42,20 @@ def test_from_pretrained_metadata_and_shapes(checkpoint):
     assert np.isfinite(out["actions"]).all()
 
 
+def test_bf16_policy_matches_fp32_closely(checkpoint):
+    # "auto" is fp32 on CPU; bf16 (the CUDA default) must give nearly the same actions, finite, as float32 arrays.
+    fp32 = FastWAMPolicy.from_pretrained(checkpoint)
+    bf16 = FastWAMPolicy.from_pretrained(checkpoint, dtype="bf16")
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    obs = _obs(fp32)
+    a32, a16 = fp32.infer(obs)["actions"], bf16.infer(obs)["actions"]
+    assert a16.dtype == np.float32 and np.isfinite(a16).all()
+    assert np.abs(a16 - a32).max() <= 0.05 * (np.abs(a32).max() + 1.0)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        FastWAMPolicy.from_pretrained(checkpoint, dtype="int8")
+
+
 def test_actions_are_unnormalised_with_the_checkpoint_stats(checkpoint):
     policy = FastWAMPolicy.from_pretrained(checkpoint)
     obs = _obs(policy)

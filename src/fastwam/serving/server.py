@@ -531,6 +531,8 @@ class ServeArgs:
     port: int = 8000
     mode: str = "fast"
     """default inference mode (fast / joint / idm); a request may override it with a "mode" key"""
+    dtype: str = "auto"
+    """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
     max_batch: int = 8
     """most requests (from any connections) run in one policy.infer_batch call"""
     batch_timeout_ms: float = 2.0
@@ -561,7 +563,9 @@ def cli(argv: list[str], prog: str = "fastwam serve") -> int:
         from fastwam.policy import FastWAMPolicy  # heavy (torch, model); only this command needs it
 
         logger.info("loading %s (mode=%s)", args.checkpoint, args.mode)
-        policy = policy_thread().submit(FastWAMPolicy.from_pretrained, args.checkpoint, mode=args.mode).result()
+        policy = policy_thread().submit(
+            FastWAMPolicy.from_pretrained, args.checkpoint, mode=args.mode, dtype=args.dtype
+        ).result()
     server = PolicyServer(
         policy,
         args.host,
