@@ -213,3 +213,15 @@ def test_cli_baselines_and_errors(tmp_path, capsys):
         mwe.evaluate("zero", "no-such-task", episodes=1, progress=False)
     with pytest.raises(ValueError, match="replan"):
         mwe.evaluate("zero", TASK, episodes=1, replan=17, workers=0, video_episodes=0, progress=False)
+
+
+def test_rollout_videos_are_h264_mp4_of_every_frame(tmp_path, recwarn):
+    import av
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(9, 33, 65, 3), dtype=np.uint8)  # odd size on purpose
+    path = mwe.write_video(tmp_path / "clip", frames, fps=10)
+    assert path.suffix == ".mp4" and not [w for w in recwarn if "gif" in str(w.message)]
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 9 and decoded[0].shape == (34, 66, 3)  # padded to even for yuv420p

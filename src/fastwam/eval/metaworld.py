@@ -356,19 +356,29 @@ def compose_video(real: np.ndarray, imagined: list[tuple[int, np.ndarray]], stri
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> Path:
-    """mp4 (H.264 via imageio-ffmpeg); falls back to a gif when no ffmpeg is available."""
-    import imageio.v2 as imageio
+    """frames uint8 [T, H, W, 3] -> PATH.mp4 (H.264, yuv420p: plays everywhere), written with PyAV (a dependency
+    already, for the datasets; imageio's mp4 writer would need imageio-ffmpeg). Odd sizes are padded by one pixel
+    (yuv420p needs even ones). Falls back to a gif if this PyAV build cannot encode H.264."""
+    import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    mp4 = path.with_suffix(".mp4")
+    frames = np.asarray(frames, dtype=np.uint8)
+    _, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     try:
-        with imageio.get_writer(path.with_suffix(".mp4"), fps=fps, codec="libx264", macro_block_size=1,
-                                quality=8, pixelformat="yuv420p") as w:
+        with av.open(str(mp4), "w") as container:
+            stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             for f in frames:
-                w.append_data(f)
-        return path.with_suffix(".mp4")
-    except Exception as exc:  # noqa: BLE001 - no ffmpeg backend: a gif needs only pillow
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            container.mux(stream.encode())
+        return mp4
+    except Exception as exc:  # noqa: BLE001 - no H.264 encoder in this PyAV build: a gif needs only pillow
+        import imageio.v2 as imageio
+
         warnings.warn(f"mp4 writing failed ({exc}); writing a gif instead", stacklevel=2)
-        path.with_suffix(".mp4").unlink(missing_ok=True)
+        mp4.unlink(missing_ok=True)
         imageio.mimsave(path.with_suffix(".gif"), list(frames), duration=1000 / fps, loop=0)
         return path.with_suffix(".gif")
 
