@@ -173,7 +173,9 @@ def generate(args: GenArgs) -> dict[str, Any]:
     pool = None
     try:
         # Simulation always runs in child processes: x264 in a process that has also rendered with EGL/llvmpipe
-        # produced different bytes now and then (measured), so the encoding process never renders.
+        # produced different bytes now and then (measured), so the encoding process never renders. For byte-identical
+        # datasets, call this from a process that has not rendered either (the CLI does; an in-process Meta-World
+        # evaluation before it in the same process does not).
         pool = mp.get_context("spawn").Pool(max(1, args.workers))
         results = pool.imap(run_shard, jobs, chunksize=1)
         for i, res in enumerate(results):
