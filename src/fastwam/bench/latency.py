@@ -20,6 +20,7 @@ import tyro
 from fastwam.config import get_preset
 from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM
+from fastwam.policy import resolve_dtype
 
 
 @dataclass
@@ -62,10 +63,7 @@ def run(args: LatencyArgs) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     cfg = get_preset(args.preset)
     m = cfg.model
     torch.manual_seed(0)

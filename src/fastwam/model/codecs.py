@@ -102,7 +102,7 @@ class DCTCodec(PixelCodec):
         self.register_buffer("std", torch.tensor(std or [1.0] * self.latent_channels), persistent=False)
 
     def coefficients(self, video: torch.Tensor) -> torch.Tensor:
-        """Un-normalised DCT coefficients [B, 3K, F, h, w] (what `fit_stats` measures)."""
+        """Un-normalised DCT coefficients [B, 3K, F, h, w] (what `fit_codec_stats` measures)."""
         return torch.einsum("oi,bifhw->bofhw", self.basis.to(video.dtype), super().encode(video))
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
