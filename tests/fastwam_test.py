@@ -77,12 +77,12 @@ def test_fast_action_loop_builds_its_mask_once(tiny_cfg, monkeypatch):
 
     model, inp = _model(tiny_cfg), _inputs(tiny_cfg)
     calls = []
-    real = mot.build_mask
-    monkeypatch.setattr(mot, "build_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mot._mask
+    monkeypatch.setattr(mot, "_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     noise = torch.randn_like(inp["actions"])
     out = model.sample(inp["latents"][:, :, :1], inp["text"], inp["state"], "fast", steps=6, action_noise=noise)
     assert len(calls) == 2  # the prefill, then the first of the 6 action steps
-    monkeypatch.setattr(mot, "build_mask", real)
+    monkeypatch.setattr(mot, "_mask", real)
     again = model.sample(inp["latents"][:, :, :1], inp["text"], inp["state"], "fast", steps=6, action_noise=noise)
     assert torch.equal(out.actions, again.actions)
 

@@ -149,3 +149,19 @@ def test_real_openpi_client_gets_the_in_process_actions_from_a_checkpoint(checkp
         assert not errors, errors
         for got, want in zip(results, expected):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_compiled_policy_gives_the_eager_actions(checkpoint, monkeypatch):
+    from fastwam.model.fastwam import FastWAM
+
+    real = FastWAM.compile_inference
+    # Dynamo tracing without code generation keeps this fast; compile_test.py covers inductor's kernels.
+    monkeypatch.setattr(FastWAM, "compile_inference", lambda self, **kw: real(self, backend="eager"))
+    torch._dynamo.reset()
+    eager = FastWAMPolicy.from_pretrained(checkpoint)
+    compiled = FastWAMPolicy.from_pretrained(checkpoint, compile=True)
+    assert compiled.model._compiled and not eager.model._compiled
+    compiled.warmup(batch_sizes=(1, 2))
+    obs = [_obs(eager, seed=i) for i in range(2)]
+    for a, b in zip(eager.infer_batch(obs), compiled.infer_batch(obs)):
+        np.testing.assert_array_equal(a["actions"], b["actions"])

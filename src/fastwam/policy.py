@@ -60,11 +60,14 @@ class FastWAMPolicy:
         seed: int = 0,
         checkpoint: str = "",
         dtype: str | torch.dtype = "auto",
+        compile: bool = False,
     ):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(self.device, self.dtype).eval()
+        if compile:  # one graph per inference stage (CUDA graphs on GPU); the first request per shape compiles
+            self.model.compile_inference()
         self.codec = build_codec(cfg.codec).to(self.device).eval()
         self.text_encoder = build_text_encoder(cfg.text, cfg.model.text_dim).to(self.device).eval()
         self.normalizer = Normalizer(NormStats.from_dict(norm_stats), cfg.data.normalizer)
@@ -81,7 +84,7 @@ class FastWAMPolicy:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, mode: str | None = None, device: str | None = None, seed: int = 0, use_ema: bool = True,
-        dtype: str | torch.dtype = "auto",
+        dtype: str | torch.dtype = "auto", compile: bool = False,
     ) -> FastWAMPolicy:
         """Load a checkpoint directory (or a run directory: its latest checkpoint) from local disk only."""
         ckpt = ckpt_io.resolve_checkpoint(path)
@@ -94,7 +97,8 @@ class FastWAMPolicy:
         weights = ckpt / ckpt_io.EMA if use_ema and (ckpt / ckpt_io.EMA).is_file() else ckpt / ckpt_io.WEIGHTS
         ckpt_io.load_weights(model, weights, assign=True)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(cfg, model, stats, mode=mode, device=device, seed=seed, checkpoint=str(ckpt), dtype=dtype)
+        return cls(cfg, model, stats, mode=mode, device=device, seed=seed, checkpoint=str(ckpt), dtype=dtype,
+                   compile=compile)
 
     @property
     def metadata(self) -> dict:
@@ -115,6 +119,16 @@ class FastWAMPolicy:
             "frame_stride": self.cfg.data.frame_stride,
             "checkpoint": self.checkpoint,
         }
+
+    def warmup(self, batch_sizes=(1,), mode: str | None = None) -> None:
+        """Run blank observations of each batch size once: with `compile`, this is when the graphs are built (slow),
+        so that no real request pays for it."""
+        h, w = self.cfg.data.image_size
+        obs = {key: np.zeros((h, w, 3), np.uint8) for key in self.camera_keys}
+        obs[STATE_KEY] = np.zeros(self.cfg.model.state_dim, np.float32)
+        obs[PROMPT_KEY] = "warm up"
+        for b in batch_sizes:
+            self.infer_batch([obs] * b, mode=mode)
 
     def reset(self) -> None:
         """Episode boundary. The policy keeps no per-episode state (each chunk is conditioned on one frame)."""

@@ -34,6 +34,7 @@ class LatencyArgs:
     device: str = "auto"  # auto = cuda if available else cpu
     dtype: str = "auto"  # auto = bf16 on cuda, fp32 on cpu
     threads: int = 0  # CPU threads (0 = torch default)
+    compile: bool = False  # torch.compile every inference stage (CUDA graphs on GPU); first call excluded, reported
     json: bool = False
     out: str = ""  # also write the JSON report to this file
 
@@ -69,6 +70,8 @@ def run(args: LatencyArgs) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = FastWAM(m).to(dtype).eval()
+    if args.compile:
+        model.compile_inference()
     h, w = cfg.data.image_size
     n_cams = max(1, len(cfg.data.cameras) or 2)
     width = w * n_cams if cfg.data.layout == "side_by_side" else w
@@ -86,6 +89,9 @@ def run(args: LatencyArgs) -> dict:
 
     results = {}
     for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
+        t0 = time.perf_counter()
+        once(mode)  # the first call compiles (with --compile) and allocates
+        first_call_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             once(mode)
         times = []
@@ -101,6 +107,7 @@ def run(args: LatencyArgs) -> dict:
             "p50_ms": round(statistics.median(times), 3),
             "p90_ms": round(_percentile(times, 0.9), 3),
             "mean_ms": round(statistics.fmean(times), 3),
+            "first_call_s": round(first_call_s, 2),
         }
     report = {
         "benchmark": "latency",
@@ -108,6 +115,7 @@ def run(args: LatencyArgs) -> dict:
         "steps": args.steps,
         "batch": args.batch,
         "iters": args.iters,
+        "compiled": model._compile_mode or False,
         "timed": "codec encode of the first frame + FastWAM.sample" if codec else "FastWAM.sample (VAE excluded)",
         "params": model.num_parameters(),
         "machine": machine_info(device, dtype),

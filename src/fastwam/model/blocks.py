@@ -143,6 +143,12 @@ def rope_1d(length: int, head_dim: int, theta: float):
     return angles.cos().float(), angles.sin().float()
 
 
+def rope(table_fn, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_3d(...)` / `rope_1d(...)` through their cache in eager mode; under torch.compile the pure computation
+    is traced instead (dynamo cannot use an lru_cache and warns about it), and becomes part of the graph."""
+    return table_fn.__wrapped__(*args) if torch.compiler.is_compiling() else table_fn(*args)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, Dh] by per-token angles (cos/sin [S, Dh/2])."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastwam.config import ModelConfig
-from fastwam.model.blocks import ConditionEmbedder, DiTBlock, FP32LayerNorm, rope_1d, rope_3d
+from fastwam.model.blocks import ConditionEmbedder, DiTBlock, FP32LayerNorm, rope, rope_1d, rope_3d
 from fastwam.model.mot import Stream, run_layers
 from fastwam.model.visibility import FULL_RULE, Group
 
@@ -77,8 +77,8 @@ class VideoExpert(Expert):
         grid = self.grid(latents)
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         frame_index = torch.arange(grid[0], device=latents.device).repeat_interleave(grid[1] * grid[2])
-        rope = tuple(r.to(latents.device) for r in rope_3d(grid, self.cfg.head_dim, self.cfg.rope_theta))
-        return self.stream(group, x, timestep.reshape(x.shape[0], -1), rope, frame_index == 0, context)
+        cos_sin = tuple(r.to(latents.device) for r in rope(rope_3d, grid, self.cfg.head_dim, self.cfg.rope_theta))
+        return self.stream(group, x, timestep.reshape(x.shape[0], -1), cos_sin, frame_index == 0, context)
 
     def token_timesteps(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Per-token timesteps [B, S]: 0 on the clean first latent frame, 1000 * sigma [B] on later frames."""
@@ -125,6 +125,6 @@ class ActionExpert(Expert):
     def to_stream(self, actions: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> Stream:
         """actions [B, H, A]; timestep [B]; context: this expert's projected text."""
         h = actions.shape[1]
-        rope = tuple(r.to(actions.device) for r in rope_1d(h, self.cfg.head_dim, self.cfg.rope_theta))
+        cos_sin = tuple(r.to(actions.device) for r in rope(rope_1d, h, self.cfg.head_dim, self.cfg.rope_theta))
         first = torch.zeros(h, dtype=torch.bool, device=actions.device)
-        return self.stream(Group.ACTION, self.action_encoder(actions), timestep.reshape(-1, 1), rope, first, context)
+        return self.stream(Group.ACTION, self.action_encoder(actions), timestep.reshape(-1, 1), cos_sin, first, context)

@@ -19,8 +19,11 @@ from torch import nn
 from fastwam.config import ModelConfig
 from fastwam.model import flow
 from fastwam.model.experts import ActionExpert, VideoExpert
-from fastwam.model.mot import KVCache, Stream, run_layers
+from fastwam.model.mot import KVCache, Part, Stream, part_tokens, parts_layout, run_layers
 from fastwam.model.visibility import MODE_RULES, Group, Rel, Variant, VisibilityRule
+
+# The methods `sample` runs through `_stage`: what `compile_inference` compiles.
+INFERENCE_STAGES = ("condition", "prefill_kv", "denoise_actions", "denoise_joint", "imagine")
 
 
 @dataclass
@@ -74,6 +77,8 @@ class FastWAM(nn.Module):
         # Proprioception: one extra token on the text context, read by both experts' cross-attention.
         self.state_proj = nn.Linear(cfg.state_dim, cfg.text_dim)
         self.grad_checkpointing = False
+        self._compiled: dict = {}  # inference stage name -> torch.compile'd method (see `compile_inference`)
+        self._compile_mode = ""
 
     # -----------------------------------------------------------------------------------------------------------------
     # Conditioning
@@ -160,22 +165,78 @@ class FastWAM(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
     # Inference
+    #
+    # `sample` strings together a few stages (condition, prefill, the denoising loops). Each takes and returns tensors
+    # of fixed shapes and gets its attention layout prebuilt (building one reads the device back), so that
+    # `compile_inference` can capture each stage as one graph without breaks or host synchronisation.
+
+    def condition(self, text: torch.Tensor, state: torch.Tensor) -> tuple[list, list]:
+        """Both experts' per-layer cross-attention K/V of the text + state context. The context is the same at every
+        denoising step, so it is projected once per sample (with 512 text tokens, the dominant cost otherwise)."""
+        video_ctx, action_ctx = self.contexts(text, state)
+        return self.video.cross_kv(video_ctx), self.action.cross_kv(action_ctx)
+
+    def video_part(self, latents: torch.Tensor, group: Group = Group.VIDEO) -> Part:
+        """The layout description of a video stream: (group, tokens, tokens of latent frame 0)."""
+        f, h, w = self.video.grid(latents)
+        return group, f * h * w, h * w
 
     def prefill(self, video: torch.Tensor, video_ctx, rule: VisibilityRule, group=Group.VIDEO) -> KVCache:
         """Run clean video latents (t = 0) through the video expert once, recording every layer's K/V."""
-        cache = KVCache()
+        parts = [self.video_part(video, group)]
+        layout = parts_layout(rule, parts, video.device)
+        keys, values = self._stage("prefill_kv")(video, video_ctx, rule, group, layout)
+        return KVCache(list(keys), list(values), *part_tokens(parts, video.device))
+
+    def prefill_kv(self, video: torch.Tensor, video_ctx, rule: VisibilityRule, group: Group, layout) -> tuple:
+        record = KVCache()
         timestep = torch.zeros(video.shape[0], 1, device=video.device)
-        self._run([self.video.to_stream(video, timestep, video_ctx, group)], rule, record=cache, need_output=False)
-        return cache
+        stream = self.video.to_stream(video, timestep, video_ctx, group)
+        self._run([stream], rule, record=record, need_output=False, layout=layout)
+        return record.keys, record.values
 
     def action_velocity(
-        self, x: torch.Tensor, sigma: float, cache: KVCache, action_ctx, rule: VisibilityRule
+        self, x: torch.Tensor, sigma: float, cache: KVCache, action_ctx, rule: VisibilityRule, layout=None
     ) -> torch.Tensor:
         """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]."""
         timestep = torch.full((x.shape[0],), 1000.0 * float(sigma), device=x.device)
         stream = self.action.to_stream(x, timestep, action_ctx)
-        (out,) = self._run([stream], rule, cache=cache)
+        (out,) = self._run([stream], rule, cache=cache, layout=layout)
         return self.action.head(out, stream.temb)
+
+    def denoise_actions(
+        self, x_a: torch.Tensor, cache: KVCache, action_ctx, rule: VisibilityRule, sigmas: tuple[float, ...], layout
+    ) -> torch.Tensor:
+        """Every Euler step of the action expert alone against a cached prefix (fast / idm): the per-request loop."""
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x_a = flow.euler_step(x_a, self.action_velocity(x_a, s, cache, action_ctx, rule, layout), s, s_next)
+        return x_a
+
+    def denoise_joint(
+        self, x_v: torch.Tensor, x_a: torch.Tensor, video_ctx, action_ctx, rule, sigmas: tuple[float, ...], layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Future video and actions denoised together (nothing can be cached: actions see the noisy video)."""
+        b = x_v.shape[0]
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma = torch.full((b,), s, device=x_v.device)
+            v_v, v_a = self.velocities(x_v, x_a, sigma, video_ctx, action_ctx, rule, layout)
+            x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
+            x_a = flow.euler_step(x_a, v_a, s, s_next)
+        return x_v, x_a
+
+    def imagine(
+        self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule, layout=None
+    ) -> torch.Tensor:
+        """Denoise future video latents with the video expert alone (actions are invisible to video)."""
+        b = first_latent.shape[0]
+        x_v = torch.cat([first_latent, video_noise.to(first_latent.dtype)], dim=2)
+        if layout is None:
+            layout = parts_layout(rule, [self.video_part(x_v)], x_v.device)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma = torch.full((b,), s, device=x_v.device)
+            (v_v,) = self.velocities(x_v, None, sigma, video_ctx, None, rule, layout)
+            x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
+        return x_v
 
     @torch.no_grad()
     def sample(
@@ -212,42 +273,34 @@ class FastWAM(nn.Module):
         if mode != "fast" and video_noise is None:
             shape = (b, c, self.cfg.latent_frames - 1, h, w)
             video_noise = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-        sigmas = flow.euler_sigmas(steps, shift).tolist()
-        video_ctx, action_ctx = self.contexts(text, state)
-        # The contexts are the same at every denoising step: project their cross-attention K/V once.
-        video_ctx, action_ctx = self.video.cross_kv(video_ctx), self.action.cross_kv(action_ctx)
+        sigmas = tuple(flow.euler_sigmas(steps, shift).tolist())
+        if self._compiled and self._compile_mode == "reduce-overhead" and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # one CUDA-graph generation per sample
+        video_ctx, action_ctx = self._stage("condition")(text, state)
         x_a = action_noise.to(dtype)
+        video = None
 
         if mode == "joint":
             x_v = torch.cat([first_latent, video_noise.to(dtype)], dim=2)
-            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-                v_v, v_a = self.velocities(x_v, x_a, torch.full((b,), s, device=device), video_ctx, action_ctx, rule)
-                x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
-                x_a = flow.euler_step(x_a, v_a, s, s_next)
-            return SampleOutput(actions=x_a, video=x_v if return_video else None)
-
-        if mode == "fast":
-            cache = self.prefill(first_latent, video_ctx, rule)
-            video = None
-        else:  # idm
-            video = self.imagine(first_latent, video_noise, video_ctx, sigmas, rule)
-            cache = self.prefill(video, video_ctx, rule, group=Group.COND)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            x_a = flow.euler_step(x_a, self.action_velocity(x_a, s, cache, action_ctx, rule), s, s_next)
+            layout = parts_layout(rule, [self.video_part(x_v), (Group.ACTION, x_a.shape[1], 0)], device)
+            video, x_a = self._stage("denoise_joint")(x_v, x_a, video_ctx, action_ctx, rule, sigmas, layout)
+        else:
+            if mode == "fast":
+                cache = self.prefill(first_latent, video_ctx, rule)
+            else:  # idm
+                x_v = torch.cat([first_latent, video_noise.to(dtype)], dim=2)
+                layout = parts_layout(rule, [self.video_part(x_v)], device)
+                video = self._stage("imagine")(first_latent, video_noise, video_ctx, sigmas, rule, layout)
+                cache = self.prefill(video, video_ctx, rule, group=Group.COND)
+            layout = cache.action_layout(rule, x_a.shape[1])
+            x_a = self._stage("denoise_actions")(x_a, cache, action_ctx, rule, sigmas, layout)
+        if self._compiled:  # a CUDA graph's outputs live in buffers that the next replay overwrites
+            x_a, video = x_a.clone(), None if video is None else video.clone()
         return SampleOutput(actions=x_a, video=video if return_video else None)
 
-    def imagine(
-        self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule
-    ) -> torch.Tensor:
-        """Denoise future video latents with the video expert alone (actions are invisible to video)."""
-        b = first_latent.shape[0]
-        x_v = torch.cat([first_latent, video_noise.to(first_latent.dtype)], dim=2)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            (v_v,) = self.velocities(x_v, None, torch.full((b,), s, device=x_v.device), video_ctx, None, rule)
-            x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
-        return x_v
-
-    def velocities(self, x_v, x_a, sigma, video_ctx, action_ctx, rule: VisibilityRule) -> list[torch.Tensor]:
+    def velocities(
+        self, x_v, x_a, sigma, video_ctx, action_ctx, rule: VisibilityRule, layout=None
+    ) -> list[torch.Tensor]:
         """One full forward over [video | action] (either may be None) at noise level sigma [B] -> velocities.
 
         Video frame 0 is treated as clean (t = 0). Video velocities come back as latents [B, C, F, H, W].
@@ -257,12 +310,37 @@ class FastWAM(nn.Module):
             streams.append(self.video.to_stream(x_v, self.video.token_timesteps(x_v, sigma), video_ctx))
         if x_a is not None:
             streams.append(self.action.to_stream(x_a, 1000.0 * sigma, action_ctx))
-        outs = self._run(streams, rule)
+        outs = self._run(streams, rule, layout=layout)
         result = []
         for stream, out in zip(streams, outs):
             v = stream.expert.head(out, stream.temb)
             result.append(self.video.unpatchify(v, self.video.grid(x_v)) if stream.group == Group.VIDEO else v)
         return result
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Compilation
+
+    def compile_inference(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """`torch.compile` every inference stage (condition, prefill, the denoising loops): one graph per stage.
+
+        fullgraph=True: a graph break raises instead of silently running piecewise. mode defaults to
+        "reduce-overhead" on CUDA, which replays each graph as a CUDA graph: no per-kernel launch cost, which is
+        what dominates a batch-1 action loop of small matmuls. Shapes are static: a new batch size, step count or
+        camera layout compiles once more, and the first call per shape is slow (compilation). Training is unaffected.
+        """
+        if mode is None:
+            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
+        # Each (stage, batch size, mode, step count) is one compiled variant; dynamo's default limit of 8 per function
+        # would be reached by a server batching 1..8 requests.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compile_mode = mode
+        self._compiled = {
+            name: torch.compile(getattr(self, name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            for name in INFERENCE_STAGES
+        }
+
+    def _stage(self, name: str):
+        return self._compiled.get(name) or getattr(self, name)
 
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -41,6 +41,9 @@ class Stream:
         return torch.full((len(self),), int(self.group), dtype=torch.long, device=self.x.device)
 
 
+Layout = tuple  # (mask [Sq, Sk] bool or None, attention plan or None): what every layer of one forward shares
+
+
 @dataclass
 class KVCache:
     """Per-layer keys/values [B, H, S_prefix, Dh] of a prefix, plus the metadata the mask needs."""
@@ -49,27 +52,66 @@ class KVCache:
     values: list[torch.Tensor] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
     first_frame: torch.Tensor | None = None
-    # (mask, attention plan) of the action-only steps that attend to this prefix, keyed by (rule, action tokens):
-    # every denoising step has the same layout, and building the mask synchronises with the device (`mask.all()`,
-    # the split plan's host copy), so it is done on the first step only and the loop stays free of host syncs.
-    step_masks: dict = field(default_factory=dict)
+    # Layouts of the action-only steps that attend to this prefix, keyed by (rule, action tokens): every denoising
+    # step has the same layout, and building it synchronises with the device (`mask.all()`, the split plan's host
+    # copy), so it is built once and the denoising loop stays free of host syncs (and traceable by torch.compile).
+    step_layouts: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return 0 if self.group_ids is None else len(self.group_ids)
 
+    def action_layout(self, rule: VisibilityRule, num_tokens: int) -> Layout:
+        """The (mask, plan) of `num_tokens` action queries against [this prefix ; themselves] (built once)."""
+        key = (rule.name, num_tokens)
+        if key not in self.step_layouts:
+            self.step_layouts[key] = parts_layout(rule, [(Group.ACTION, num_tokens, 0)], self.group_ids.device, self)
+        return self.step_layouts[key]
+
+
+Part = tuple  # (group, number of tokens, number of leading tokens in latent frame 0): one stream, by shape alone
+
+
+def part_tokens(parts: list[Part], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token group ids [S] and first-frame flags [S] of streams described by `parts`."""
+    group_ids = torch.cat([torch.full((n,), int(g), dtype=torch.long, device=device) for g, n, _ in parts])
+    first_frame = torch.cat([torch.arange(n, device=device) < first for _, n, first in parts])
+    return group_ids, first_frame
+
+
+def parts_layout(rule: VisibilityRule, parts: list[Part], device, cache: KVCache | None = None) -> Layout:
+    """The layout of a forward over streams known by their shapes (`parts`), attending to `cache` if given: what a
+    sampler builds before a denoising loop, so that the loop itself never builds (or syncs on) a mask."""
+    return _layout(rule, *_with_prefix(*part_tokens(parts, device), cache))
+
 
 def build_mask(rule: VisibilityRule, streams: list[Stream], cache: KVCache | None) -> torch.Tensor | None:
     """Boolean [Sq, Sk] mask for the streams' queries against [cache ; streams] keys; None when nothing is hidden."""
+    return _mask(rule, *_stream_tokens(streams, cache))
+
+
+def _stream_tokens(streams: list[Stream], cache: KVCache | None):
     q_group = torch.cat([s.group_ids() for s in streams])
-    q_first = torch.cat([s.first_frame for s in streams])
-    k_group, k_first = q_group, q_first
-    if cache is not None and len(cache):
-        k_group = torch.cat([cache.group_ids, q_group])
-        k_first = torch.cat([cache.first_frame, q_first])
+    return _with_prefix(q_group, torch.cat([s.first_frame for s in streams]), cache)
+
+
+def _with_prefix(q_group, q_first, cache: KVCache | None):
+    """(query groups, query first-frame flags, key groups, key flags): the keys are [cache ; queries]."""
+    if cache is None or not len(cache):
+        return q_group, q_first, q_group, q_first
+    return q_group, q_first, torch.cat([cache.group_ids, q_group]), torch.cat([cache.first_frame, q_first])
+
+
+def _mask(rule: VisibilityRule, q_group, q_first, k_group, k_first) -> torch.Tensor | None:
     mask = rule.mask(q_group, q_first, k_group, k_first)
     if not mask.any(dim=1).all():
         raise ValueError(f"rule {rule.name!r} leaves some query tokens with nothing to attend to")
     return None if mask.all() else mask
+
+
+def _layout(rule: VisibilityRule, q_group, q_first, k_group, k_first) -> Layout:
+    mask = _mask(rule, q_group, q_first, k_group, k_first)
+    # GPU: per-query-block unmasked attention instead of the dense mask (see attention.py); None = dense path.
+    return mask, attention_plan(mask, q_group.device)
 
 
 def run_layers(
@@ -79,23 +121,21 @@ def run_layers(
     record: KVCache | None = None,
     grad_checkpointing: bool = False,
     need_output: bool = True,
+    layout: Layout | None = None,
 ) -> list[torch.Tensor]:
     """Run every MoT layer over `streams`; returns each stream's final tokens.
 
     cache:  attend to these prefix K/V as well (they were recorded by an earlier call).
     record: store this call's per-layer K/V (for later calls to use as a prefix).
     need_output: False skips the last layer's output half (only the recorded K/V are wanted).
+    layout: the (mask, plan) of this call, when the caller built it already (see `KVCache.action_layout`).
     """
-    # Action tokens' layout (all outside latent frame 0) depends only on their count, so it can key the memo.
-    key = (rule.name, tuple(len(s) for s in streams)) if all(s.group == Group.ACTION for s in streams) else None
-    if cache is not None and key is not None and key in cache.step_masks:
-        mask, plan = cache.step_masks[key]
-    else:
-        mask = build_mask(rule, streams, cache)
-        # GPU: per-query-block unmasked attention instead of the dense mask (see attention.py); None = dense path.
-        plan = attention_plan(mask, streams[0].x.device)
-        if cache is not None and key is not None:
-            cache.step_masks[key] = (mask, plan)
+    if layout is None:
+        if cache is not None and len(cache) and all(s.group == Group.ACTION for s in streams):
+            layout = cache.action_layout(rule, sum(len(s) for s in streams))
+        else:
+            layout = _layout(rule, *_stream_tokens(streams, cache))
+    mask, plan = layout
     if record is not None:
         record.group_ids = torch.cat([s.group_ids() for s in streams])
         record.first_frame = torch.cat([s.first_frame for s in streams])

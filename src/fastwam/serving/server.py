@@ -533,6 +533,8 @@ class ServeArgs:
     """default inference mode (fast / joint / idm); a request may override it with a "mode" key"""
     dtype: str = "auto"
     """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
+    compile: bool = False
+    """torch.compile the inference stages (CUDA graphs on GPU); every batch size 1..max_batch is compiled at start-up"""
     max_batch: int = 8
     """most requests (from any connections) run in one policy.infer_batch call"""
     batch_timeout_ms: float = 2.0
@@ -564,8 +566,11 @@ def cli(argv: list[str], prog: str = "fastwam serve") -> int:
 
         logger.info("loading %s (mode=%s)", args.checkpoint, args.mode)
         policy = policy_thread().submit(
-            FastWAMPolicy.from_pretrained, args.checkpoint, mode=args.mode, dtype=args.dtype
+            FastWAMPolicy.from_pretrained, args.checkpoint, mode=args.mode, dtype=args.dtype, compile=args.compile
         ).result()
+        if args.compile:
+            logger.info("compiling for batch sizes 1..%d (slow, once)", args.max_batch)
+            policy_thread().submit(policy.warmup, range(1, args.max_batch + 1)).result()
     server = PolicyServer(
         policy,
         args.host,

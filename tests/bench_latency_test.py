@@ -1,0 +1,18 @@
+"""`fastwam bench latency`: the JSON report's contract (not the numbers: benchmarks are not tests)."""
+
+import json
+
+from fastwam.bench import latency
+
+
+def test_latency_report_has_every_mode_and_the_speedups(tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    argv = ["--preset", "tiny", "--iters", "2", "--warmup", "0", "--steps", "2", "--json", "--out", str(out)]
+    assert latency.cli(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert set(printed["modes"]) == {"fast", "joint", "idm"} and printed["compiled"] is False
+    for stats in printed["modes"].values():
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"] and stats["first_call_s"] > 0
+    assert set(printed["speedup_vs_fast"]) == {"joint", "idm"}
+    assert printed["machine"]["device"] == "cpu" and printed["machine"]["dtype"] == "float32"
