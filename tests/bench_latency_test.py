@@ -16,3 +16,11 @@ def test_latency_report_has_every_mode_and_the_speedups(tmp_path, capsys):
         assert 0 < stats["p50_ms"] <= stats["p90_ms"] and stats["first_call_s"] > 0
     assert set(printed["speedup_vs_fast"]) == {"joint", "idm"}
     assert printed["machine"]["device"] == "cpu" and printed["machine"]["dtype"] == "float32"
+
+
+def test_compiled_latency_reports_agreement_with_eager(capsys):
+    assert latency.cli(["--preset", "tiny", "--modes", "fast", "--iters", "2", "--warmup", "1", "--steps", "2",
+                        "--compile", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compiled"] == "default"  # inductor without CUDA graphs on CPU
+    assert report["modes"]["fast"]["max_abs_diff_vs_eager"] <= 1e-5

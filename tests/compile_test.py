@@ -65,3 +65,16 @@ def test_sample_outputs_are_not_aliased_to_compiled_buffers(tiny_cfg):
     other = dict(inputs, action_noise=torch.randn_like(inputs["action_noise"]))
     _sample(model, other, "idm")
     assert torch.equal(first.actions, kept[0]) and torch.equal(first.video, kept[1])
+
+
+def test_each_stage_is_compiled_once_and_replayed_at_every_step(tiny_cfg):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, inputs = _model_and_inputs(tiny_cfg)
+    model.compile_inference(backend="eager")
+    counters.clear()
+    _sample(model, inputs, "fast")  # 4 steps
+    assert counters["stats"]["unique_graphs"] == 3  # condition, prefill, action step: not one graph per step
+    _sample(model, inputs, "fast")
+    assert counters["stats"]["unique_graphs"] == 3  # the second request compiles nothing

@@ -448,7 +448,7 @@ def write_samples(model, dataset, codec, text_encoder, cfg: Config, out_dir: Pat
     from fastwam.model.visibility import MODE_RULES
 
     mode = get_variant(cfg.train.variant).inference
-    latents = model.imagine(first, noise, video_ctx, flow.euler_sigmas(cfg.inference.steps).tolist(), MODE_RULES[mode])
+    latents = model.imagine(first, noise, video_ctx, flow.euler_sigmas(cfg.inference.steps), MODE_RULES[mode])
     imagined = codec.decode(latents)[0]  # [3, F, H, W]
     real = codec.decode(inputs["latents"])[0]
     to_row = lambda v: torch.cat(list(v.unbind(1)), dim=2)  # noqa: E731  [3, H, F*W]

@@ -1,9 +1,12 @@
 """`fastwam bench latency`: observation -> action-chunk latency per inference mode, as JSON.
 
 Random weights are fine: latency does not depend on the values. What is timed, per call: encoding the first
-frame with the preset's codec (the pixel codec; for the Wan VAE preset the latents are given, as in the paper's
+frame with the preset's codec (pixel / DCT; for the Wan VAE preset the latents are given, as in the paper's
 "model forward only" numbers) and the full `FastWAM.sample` (prefill + denoising loop). Text embeddings are cached
 per instruction in real use, so they are excluded. CUDA timings synchronise before reading the clock.
+
+--compile: `FastWAM.compile_inference` (CUDA graphs on GPU). The first call per mode (compilation) is reported apart
+as `first_call_s`, and each mode's compiled actions are compared with the eager ones (`max_abs_diff_vs_eager`).
 """
 
 from __future__ import annotations
@@ -70,8 +73,6 @@ def run(args: LatencyArgs) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = FastWAM(m).to(dtype).eval()
-    if args.compile:
-        model.compile_inference()
     h, w = cfg.data.image_size
     n_cams = max(1, len(cfg.data.cameras) or 2)
     width = w * n_cams if cfg.data.layout == "side_by_side" else w
@@ -81,16 +82,25 @@ def run(args: LatencyArgs) -> dict:
     latent = torch.randn(args.batch, m.latent_channels, 1, h // s, width // s, device=device, dtype=dtype)
     text = torch.randn(args.batch, cfg.text.max_len, m.text_dim, device=device, dtype=dtype)
     state = torch.randn(args.batch, m.state_dim, device=device, dtype=dtype)
+    action_noise = torch.randn(args.batch, m.action_horizon, m.action_dim, device=device, dtype=dtype)
+    video_noise = torch.randn(args.batch, m.latent_channels, m.latent_frames - 1, *latent.shape[3:], device=device,
+                              dtype=dtype)
 
-    def once(mode: str) -> None:
+    def once(mode: str) -> torch.Tensor:
         first = codec.encode(frame) if codec is not None else latent
-        out = model.sample(first, text, state, mode=mode, steps=args.steps)
-        out.actions.float().cpu()  # the caller needs the actions on the host
+        out = model.sample(first, text, state, mode=mode, steps=args.steps, action_noise=action_noise,
+                           video_noise=video_noise)
+        return out.actions.float().cpu()  # the caller needs the actions on the host
 
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    eager_actions = {}
+    if args.compile:  # the compiled graphs must give the eager actions (to rounding) before their speed counts
+        eager_actions = {mode: once(mode) for mode in modes}
+        model.compile_inference()
     results = {}
-    for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
+    for mode in modes:
         t0 = time.perf_counter()
-        once(mode)  # the first call compiles (with --compile) and allocates
+        actions = once(mode)  # the first call compiles (with --compile) and allocates
         first_call_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             once(mode)
@@ -109,6 +119,8 @@ def run(args: LatencyArgs) -> dict:
             "mean_ms": round(statistics.fmean(times), 3),
             "first_call_s": round(first_call_s, 2),
         }
+        if mode in eager_actions:
+            results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
     report = {
         "benchmark": "latency",
         "preset": args.preset,

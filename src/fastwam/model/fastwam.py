@@ -23,7 +23,7 @@ from fastwam.model.mot import KVCache, Part, Stream, part_tokens, parts_layout, 
 from fastwam.model.visibility import MODE_RULES, Group, Rel, Variant, VisibilityRule
 
 # The methods `sample` runs through `_stage`: what `compile_inference` compiles.
-INFERENCE_STAGES = ("condition", "prefill_kv", "denoise_actions", "denoise_joint", "imagine")
+INFERENCE_STAGES = ("condition", "prefill_kv", "action_step", "joint_step", "imagine_step")
 
 
 @dataclass
@@ -166,9 +166,10 @@ class FastWAM(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Inference
     #
-    # `sample` strings together a few stages (condition, prefill, the denoising loops). Each takes and returns tensors
-    # of fixed shapes and gets its attention layout prebuilt (building one reads the device back), so that
-    # `compile_inference` can capture each stage as one graph without breaks or host synchronisation.
+    # `sample` strings together a few stages: condition, prefill, and the denoising steps. Each takes and returns
+    # tensors of fixed shapes, gets its attention layout prebuilt (building one reads the device back) and its noise
+    # levels as 0-d tensors, so `compile_inference` can capture each stage as one graph, compiled once and replayed at
+    # every step, with no graph break and no host synchronisation.
 
     def condition(self, text: torch.Tensor, state: torch.Tensor) -> tuple[list, list]:
         """Both experts' per-layer cross-attention K/V of the text + state context. The context is the same at every
@@ -196,46 +197,37 @@ class FastWAM(nn.Module):
         return record.keys, record.values
 
     def action_velocity(
-        self, x: torch.Tensor, sigma: float, cache: KVCache, action_ctx, rule: VisibilityRule, layout=None
+        self, x: torch.Tensor, sigma, cache: KVCache, action_ctx, rule: VisibilityRule, layout=None
     ) -> torch.Tensor:
-        """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]."""
-        timestep = torch.full((x.shape[0],), 1000.0 * float(sigma), device=x.device)
+        """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]. sigma: float or 0-d."""
+        timestep = torch.as_tensor(1000.0 * sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         stream = self.action.to_stream(x, timestep, action_ctx)
         (out,) = self._run([stream], rule, cache=cache, layout=layout)
         return self.action.head(out, stream.temb)
 
-    def denoise_actions(
-        self, x_a: torch.Tensor, cache: KVCache, action_ctx, rule: VisibilityRule, sigmas: tuple[float, ...], layout
-    ) -> torch.Tensor:
-        """Every Euler step of the action expert alone against a cached prefix (fast / idm): the per-request loop."""
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            x_a = flow.euler_step(x_a, self.action_velocity(x_a, s, cache, action_ctx, rule, layout), s, s_next)
-        return x_a
+    def action_step(self, x_a, sigma, sigma_next, cache: KVCache, action_ctx, rule, layout) -> torch.Tensor:
+        """One Euler step of the action expert alone against a cached prefix (fast / idm): the per-request loop."""
+        velocity = self.action_velocity(x_a, sigma, cache, action_ctx, rule, layout)
+        return flow.euler_step(x_a, velocity, sigma, sigma_next)
 
-    def denoise_joint(
-        self, x_v: torch.Tensor, x_a: torch.Tensor, video_ctx, action_ctx, rule, sigmas: tuple[float, ...], layout
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Future video and actions denoised together (nothing can be cached: actions see the noisy video)."""
-        b = x_v.shape[0]
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sigma = torch.full((b,), s, device=x_v.device)
-            v_v, v_a = self.velocities(x_v, x_a, sigma, video_ctx, action_ctx, rule, layout)
-            x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
-            x_a = flow.euler_step(x_a, v_a, s, s_next)
-        return x_v, x_a
+    def joint_step(self, x_v, x_a, sigma, sigma_next, video_ctx, action_ctx, rule, layout):
+        """One Euler step of future video and actions together (joint: actions see the noisy video, no cache)."""
+        v_v, v_a = self.velocities(x_v, x_a, sigma.expand(x_v.shape[0]), video_ctx, action_ctx, rule, layout)
+        x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
+        return x_v, flow.euler_step(x_a, v_a, sigma, sigma_next)
 
-    def imagine(
-        self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule, layout=None
-    ) -> torch.Tensor:
+    def imagine_step(self, x_v, sigma, sigma_next, video_ctx, rule, layout) -> torch.Tensor:
+        """One Euler step of future video by the video expert alone (the first frame stays as observed)."""
+        (v_v,) = self.velocities(x_v, None, sigma.expand(x_v.shape[0]), video_ctx, None, rule, layout)
+        return torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
+
+    def imagine(self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule) -> torch.Tensor:
         """Denoise future video latents with the video expert alone (actions are invisible to video)."""
-        b = first_latent.shape[0]
         x_v = torch.cat([first_latent, video_noise.to(first_latent.dtype)], dim=2)
-        if layout is None:
-            layout = parts_layout(rule, [self.video_part(x_v)], x_v.device)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sigma = torch.full((b,), s, device=x_v.device)
-            (v_v,) = self.velocities(x_v, None, sigma, video_ctx, None, rule, layout)
-            x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], s, s_next)], dim=2)
+        layout = parts_layout(rule, [self.video_part(x_v)], x_v.device)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=x_v.device)
+        for i in range(len(sigmas) - 1):
+            x_v = self._stage("imagine_step")(x_v, sigmas[i], sigmas[i + 1], video_ctx, rule, layout)
         return x_v
 
     @torch.no_grad()
@@ -273,27 +265,31 @@ class FastWAM(nn.Module):
         if mode != "fast" and video_noise is None:
             shape = (b, c, self.cfg.latent_frames - 1, h, w)
             video_noise = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-        sigmas = tuple(flow.euler_sigmas(steps, shift).tolist())
+        sigmas = flow.euler_sigmas(steps, shift).to(device)
         if self._compiled and self._compile_mode == "reduce-overhead" and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # one CUDA-graph generation per sample
+            # One CUDA-graph generation per sample: outputs of the earlier stages (context and prefix K/V) stay
+            # valid while the later stages read them. (Once called, generations advance only on this call.)
+            torch.compiler.cudagraph_mark_step_begin()
         video_ctx, action_ctx = self._stage("condition")(text, state)
         x_a = action_noise.to(dtype)
         video = None
 
         if mode == "joint":
-            x_v = torch.cat([first_latent, video_noise.to(dtype)], dim=2)
-            layout = parts_layout(rule, [self.video_part(x_v), (Group.ACTION, x_a.shape[1], 0)], device)
-            video, x_a = self._stage("denoise_joint")(x_v, x_a, video_ctx, action_ctx, rule, sigmas, layout)
+            video = torch.cat([first_latent, video_noise.to(dtype)], dim=2)
+            layout = parts_layout(rule, [self.video_part(video), (Group.ACTION, x_a.shape[1], 0)], device)
+            for i in range(steps):
+                video, x_a = self._stage("joint_step")(
+                    video, x_a, sigmas[i], sigmas[i + 1], video_ctx, action_ctx, rule, layout
+                )
         else:
             if mode == "fast":
                 cache = self.prefill(first_latent, video_ctx, rule)
             else:  # idm
-                x_v = torch.cat([first_latent, video_noise.to(dtype)], dim=2)
-                layout = parts_layout(rule, [self.video_part(x_v)], device)
-                video = self._stage("imagine")(first_latent, video_noise, video_ctx, sigmas, rule, layout)
+                video = self.imagine(first_latent, video_noise, video_ctx, sigmas, rule)
                 cache = self.prefill(video, video_ctx, rule, group=Group.COND)
-            layout = cache.action_layout(rule, x_a.shape[1])
-            x_a = self._stage("denoise_actions")(x_a, cache, action_ctx, rule, sigmas, layout)
+            layout = cache.action_layout(rule, x_a.shape[1])  # built (and host-synced) here, outside the loop
+            for i in range(steps):
+                x_a = self._stage("action_step")(x_a, sigmas[i], sigmas[i + 1], cache, action_ctx, rule, layout)
         if self._compiled:  # a CUDA graph's outputs live in buffers that the next replay overwrites
             x_a, video = x_a.clone(), None if video is None else video.clone()
         return SampleOutput(actions=x_a, video=video if return_video else None)
@@ -321,12 +317,13 @@ class FastWAM(nn.Module):
     # Compilation
 
     def compile_inference(self, mode: str | None = None, backend: str = "inductor") -> None:
-        """`torch.compile` every inference stage (condition, prefill, the denoising loops): one graph per stage.
+        """`torch.compile` every inference stage (condition, prefill, one denoising step of each kind).
 
-        fullgraph=True: a graph break raises instead of silently running piecewise. mode defaults to
-        "reduce-overhead" on CUDA, which replays each graph as a CUDA graph: no per-kernel launch cost, which is
-        what dominates a batch-1 action loop of small matmuls. Shapes are static: a new batch size, step count or
-        camera layout compiles once more, and the first call per shape is slow (compilation). Training is unaffected.
+        One graph per stage (fullgraph=True: a graph break raises instead of silently running piecewise); a step is
+        compiled once and replayed at every denoising step, since the noise levels are tensor inputs. mode defaults to
+        "reduce-overhead" on CUDA, which replays the graphs as CUDA graphs: no per-kernel launch cost, which is what
+        dominates a batch-1 action loop of small matmuls. Shapes are static: a new batch size or camera layout
+        compiles once more, and the first call per shape is slow (compilation). Training is unaffected.
         """
         if mode is None:
             mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
