@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +9,10 @@ import torch
 # Tests are CPU-only and small: keep them on one thread each so pytest-xdist workers do not oversubscribe 2 cores.
 torch.set_num_threads(1)
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Compiled-kernel tests start from an empty inductor cache of their own (per worker process): hermetic, as in CI, and
+# immune to a truncated kernel that an interrupted compile left in the user's cache ("file too short" on import).
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastwam_inductor_")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ class FastWAM(nn.Module):
         parts = [self.video_part(video, group)]
         layout = parts_layout(rule, parts, video.device)
         keys, values = self._stage("prefill_kv")(video, video_ctx, rule, group, layout)
-        return KVCache(list(keys), list(values), *part_tokens(parts, video.device))
+        return KVCache(list(keys), list(values), *part_tokens(parts, video.device), parts=tuple(parts))
 
     def prefill_kv(self, video: torch.Tensor, video_ctx, rule: VisibilityRule, group: Group, layout) -> tuple:
         record = KVCache()
@@ -287,7 +287,7 @@ class FastWAM(nn.Module):
             else:  # idm
                 video = self.imagine(first_latent, video_noise, video_ctx, sigmas, rule)
                 cache = self.prefill(video, video_ctx, rule, group=Group.COND)
-            layout = cache.action_layout(rule, x_a.shape[1])  # built (and host-synced) here, outside the loop
+            layout = cache.action_layout(rule, x_a.shape[1])  # built once per shape, outside the loop
             for i in range(steps):
                 x_a = self._stage("action_step")(x_a, sigmas[i], sigmas[i + 1], cache, action_ctx, rule, layout)
         if self._compiled:  # a CUDA graph's outputs live in buffers that the next replay overwrites

@@ -10,12 +10,13 @@ later ones — the property the visibility rules guarantee and the tests check.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fastwam.model.attention import attention_plan, joint_attention
+from fastwam.model.attention import attention_plan, get_attention_backend, joint_attention
 from fastwam.model.visibility import Group, VisibilityRule
 
 
@@ -44,6 +45,9 @@ class Stream:
 Layout = tuple  # (mask [Sq, Sk] bool or None, attention plan or None): what every layer of one forward shares
 
 
+Part = tuple  # (group, number of tokens, number of leading tokens in latent frame 0): one stream, by shape alone
+
+
 @dataclass
 class KVCache:
     """Per-layer keys/values [B, H, S_prefix, Dh] of a prefix, plus the metadata the mask needs."""
@@ -52,23 +56,14 @@ class KVCache:
     values: list[torch.Tensor] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
     first_frame: torch.Tensor | None = None
-    # Layouts of the action-only steps that attend to this prefix, keyed by (rule, action tokens): every denoising
-    # step has the same layout, and building it synchronises with the device (`mask.all()`, the split plan's host
-    # copy), so it is built once and the denoising loop stays free of host syncs (and traceable by torch.compile).
-    step_layouts: dict = field(default_factory=dict)
+    parts: tuple[Part, ...] = ()  # the prefix's streams by shape (set by `FastWAM.prefill`)
 
     def __len__(self) -> int:
         return 0 if self.group_ids is None else len(self.group_ids)
 
     def action_layout(self, rule: VisibilityRule, num_tokens: int) -> Layout:
-        """The (mask, plan) of `num_tokens` action queries against [this prefix ; themselves] (built once)."""
-        key = (rule.name, num_tokens)
-        if key not in self.step_layouts:
-            self.step_layouts[key] = parts_layout(rule, [(Group.ACTION, num_tokens, 0)], self.group_ids.device, self)
-        return self.step_layouts[key]
-
-
-Part = tuple  # (group, number of tokens, number of leading tokens in latent frame 0): one stream, by shape alone
+        """The (mask, plan) of `num_tokens` action queries against [this prefix ; themselves]."""
+        return parts_layout(rule, [(Group.ACTION, num_tokens, 0)], self.group_ids.device, self)
 
 
 def part_tokens(parts: list[Part], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +75,26 @@ def part_tokens(parts: list[Part], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def parts_layout(rule: VisibilityRule, parts: list[Part], device, cache: KVCache | None = None) -> Layout:
     """The layout of a forward over streams known by their shapes (`parts`), attending to `cache` if given: what a
-    sampler builds before a denoising loop, so that the loop itself never builds (or syncs on) a mask."""
-    return _layout(rule, *_with_prefix(*part_tokens(parts, device), cache))
+    sampler builds before a denoising loop, so that the loop itself never builds a mask.
+
+    Memoised on (rule, shapes, device): building a layout reads the device back (`mask.all()`, the split plan's host
+    copy), which would stall the queue before every request's denoising loop; a request with known shapes skips it.
+    """
+    if cache is not None and len(cache) and not cache.parts:
+        raise ValueError("this KVCache has no `parts` (make it with FastWAM.prefill)")
+    prefix = tuple(cache.parts) if cache is not None and len(cache) else ()
+    parts = tuple(tuple(p) for p in parts)
+    return _parts_layout(rule, parts, prefix, torch.device(device), get_attention_backend())
+
+
+@functools.lru_cache(maxsize=256)
+def _parts_layout(rule: VisibilityRule, parts: tuple, prefix: tuple, device: torch.device, backend: str) -> Layout:
+    # `backend` is part of the key only: the split plan depends on the attention backend selected when it is built.
+    q_group, q_first = part_tokens(list(parts), device)
+    if not prefix:
+        return _layout(rule, q_group, q_first, q_group, q_first)
+    p_group, p_first = part_tokens(list(prefix), device)
+    return _layout(rule, q_group, q_first, torch.cat([p_group, q_group]), torch.cat([p_first, q_first]))
 
 
 def build_mask(rule: VisibilityRule, streams: list[Stream], cache: KVCache | None) -> torch.Tensor | None:
