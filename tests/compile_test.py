@@ -37,7 +37,7 @@ def test_every_stage_compiles_as_one_graph_and_matches_eager(tiny_cfg, mode):
     assert torch.equal(compiled.actions, reference.actions)
     if mode != "fast":
         assert torch.equal(compiled.video, reference.video)
-    # A new batch size recompiles (static shapes) and is still right.
+    # A new batch size recompiles (then with a dynamic batch dimension) and is still right.
     single = _sample(model, inputs, mode, b=1)
     assert (single.actions - reference.actions[:1]).abs().max() <= 1e-5
 
@@ -71,10 +71,14 @@ def test_each_stage_is_compiled_once_and_replayed_at_every_step(tiny_cfg):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    model, inputs = _model_and_inputs(tiny_cfg)
+    model, inputs = _model_and_inputs(tiny_cfg, b=3)
     model.compile_inference(backend="eager")
     counters.clear()
-    _sample(model, inputs, "fast")  # 4 steps
+    _sample(model, inputs, "fast", b=1)  # 4 steps
     assert counters["stats"]["unique_graphs"] == 3  # condition, prefill, action step: not one graph per step
-    _sample(model, inputs, "fast")
+    _sample(model, inputs, "fast", b=1)
     assert counters["stats"]["unique_graphs"] == 3  # the second request compiles nothing
+    # A second batch size makes the batch dimension dynamic (one more graph per stage); a third compiles nothing.
+    _sample(model, inputs, "fast", b=2)
+    _sample(model, inputs, "fast", b=3)
+    assert counters["stats"]["unique_graphs"] == 6

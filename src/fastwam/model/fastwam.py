@@ -322,17 +322,18 @@ class FastWAM(nn.Module):
         One graph per stage (fullgraph=True: a graph break raises instead of silently running piecewise); a step is
         compiled once and replayed at every denoising step, since the noise levels are tensor inputs. mode defaults to
         "reduce-overhead" on CUDA, which replays the graphs as CUDA graphs: no per-kernel launch cost, which is what
-        dominates a batch-1 action loop of small matmuls. Shapes are static: a new batch size or camera layout
-        compiles once more, and the first call per shape is slow (compilation). Training is unaffected.
+        dominates a batch-1 action loop of small matmuls. The first call compiles (slow); a second batch size compiles
+        once more with the batch dimension dynamic (dynamo's automatic dynamic shapes), which then serves every batch
+        size (CUDA graphs are still recorded per size, which is cheap). Training is unaffected.
         """
         if mode is None:
             mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-        # Each (stage, batch size, mode, step count) is one compiled variant; dynamo's default limit of 8 per function
-        # would be reached by a server batching 1..8 requests.
+        # Each (stage, rule, prefix shape, batch specialisation) is one compiled variant; three modes and two batch
+        # graphs each come close to dynamo's default limit of 8 per function.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compile_mode = mode
         self._compiled = {
-            name: torch.compile(getattr(self, name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            name: torch.compile(getattr(self, name), fullgraph=True, dynamic=None, mode=mode, backend=backend)
             for name in INFERENCE_STAGES
         }
 
