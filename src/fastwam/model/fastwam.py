@@ -213,13 +213,12 @@ class FastWAM(nn.Module):
     def joint_step(self, x_v, x_a, sigma, sigma_next, video_ctx, action_ctx, rule, layout):
         """One Euler step of future video and actions together (joint: actions see the noisy video, no cache)."""
         v_v, v_a = self.velocities(x_v, x_a, sigma.expand(x_v.shape[0]), video_ctx, action_ctx, rule, layout)
-        x_v = torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
-        return x_v, flow.euler_step(x_a, v_a, sigma, sigma_next)
+        return _future_euler_step(x_v, v_v, sigma, sigma_next), flow.euler_step(x_a, v_a, sigma, sigma_next)
 
     def imagine_step(self, x_v, sigma, sigma_next, video_ctx, rule, layout) -> torch.Tensor:
         """One Euler step of future video by the video expert alone (the first frame stays as observed)."""
         (v_v,) = self.velocities(x_v, None, sigma.expand(x_v.shape[0]), video_ctx, None, rule, layout)
-        return torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
+        return _future_euler_step(x_v, v_v, sigma, sigma_next)
 
     def imagine(self, first_latent: torch.Tensor, video_noise: torch.Tensor, video_ctx, sigmas, rule) -> torch.Tensor:
         """Denoise future video latents with the video expert alone (actions are invisible to video)."""
@@ -265,7 +264,7 @@ class FastWAM(nn.Module):
         if mode != "fast" and video_noise is None:
             shape = (b, c, self.cfg.latent_frames - 1, h, w)
             video_noise = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-        sigmas = flow.euler_sigmas(steps, shift).to(device)
+        sigmas = flow.euler_sigmas(steps, shift, device=device)  # 0-d tensor inputs of the compiled steps
         if self._compiled and self._compile_mode == "reduce-overhead" and device.type == "cuda":
             # One CUDA-graph generation per sample: outputs of the earlier stages (context and prefix K/V) stay
             # valid while the later stages read them. (Once called, generations advance only on this call.)
@@ -348,6 +347,11 @@ class FastWAM(nn.Module):
             "state_proj": count(self.state_proj),
             "total": count(self),
         }
+
+
+def _future_euler_step(x_v: torch.Tensor, v_v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """Euler step of video latents [B, C, F, H, W] on the future frames only: frame 0 is the observation."""
+    return torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
 
 
 def _weighted_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
