@@ -534,7 +534,7 @@ class ServeArgs:
     dtype: str = "auto"
     """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
     compile: bool = False
-    """torch.compile the inference stages (CUDA graphs on GPU); every batch size 1..max_batch is compiled at start-up"""
+    """torch.compile the inference stages (CUDA graphs on GPU); batch sizes 1..max_batch are run once at start-up"""
     max_batch: int = 8
     """most requests (from any connections) run in one policy.infer_batch call"""
     batch_timeout_ms: float = 2.0
