@@ -1,5 +1,6 @@
 """`fastwam ablate` end to end on the tiny preset: demos -> trainings -> evaluations -> report, then a resumed run."""
 
+import dataclasses
 import json
 
 from fastwam import ablate
@@ -36,7 +37,7 @@ def test_plan_orders_jobs_and_passes_the_config_on(tmp_path):
 
 def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "ablation"
-    assert ablate.cli(_argv(out)) == 0
+    assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48"]) == 0
     first = capsys.readouterr().out
     assert "train_fast_s0: finished" in first and "eval_baseline_random: finished" in first
     for name in ("fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"):
@@ -45,8 +46,21 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| fast | fast |" in report and "| no_cotrain | fast |" in report and "video co-training" in report
     assert json.loads((out / "ablation.json").read_text())["args"]["train_steps"] == 2
+    # Latency is timed for the study's model, overrides included, not for the preset's.
+    from fastwam.config import get_preset
+    from fastwam.model.fastwam import FastWAM
+
+    latency = json.loads((out / "latency.json").read_text())
+    trained = json.loads((out / "runs" / "fast_s0" / "config.json").read_text())["model"]
+    assert trained["video_ffn_dim"] == 48
+    expected = FastWAM(dataclasses.replace(get_preset("tiny").model, video_ffn_dim=48)).num_parameters()
+    assert latency["params"] == expected
 
     # Re-running the same command does no work again: every job's output is there.
-    assert ablate.cli(_argv(out)) == 0
+    assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48"]) == 0
     second = capsys.readouterr().out
     assert "starting" not in second and second.count("done already, skipping") == 8
+    # --report-only re-renders the report; the recorded command stays the study's own.
+    assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--report-only"]) == 0
+    command = json.loads((out / "ablation.json").read_text())["command"]
+    assert "--report-only" not in command and "--config.model.video-ffn-dim 48" in command

@@ -55,3 +55,9 @@ def test_report_does_not_claim_an_effect_it_cannot_resolve(tmp_path):
     text = _report(tmp_path, {"fast_s0": 0.5, "joint_s0": 0.5, "no_cotrain_s0": 0.5})
     assert "not confirmed at this scale" in text
     assert "Per training seed:" not in text  # one run per variant: nothing to list
+
+
+def test_report_without_imagination_variants_claims_nothing_about_imagination(tmp_path):
+    text = _report(tmp_path, {"fast_s0": 0.9, "no_cotrain_s0": 0.1})
+    assert "co-training finding holds here (test-time imagination was not evaluated" in text
+    assert "matters more than test-time imagination" not in text

@@ -103,11 +103,12 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                             + eval_args(args.eval_episodes),
                             eval_dir / "results.json", after=(f"train_{name}",)))
             runs[name] = {"variant": variant, "seed": seed, "run_dir": run_dir, "eval_dir": eval_dir}
-    # Batch-1 latency of each inference mode for the preset's architecture (random weights: latency does not depend on
-    # them; `bench latency` takes presets only, so model overrides on the command line are not reflected here).
+    # Batch-1 latency of each inference mode for this study's architecture, overrides included (random weights: latency
+    # does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.
     modes = ",".join(sorted({VARIANT_MODES[v] for v in variants}, key=["fast", "joint", "idm"].index))
-    jobs.append(Job("latency", _py() + ["bench", "latency", "--preset", cfg.name, "--modes", modes, "--threads", "1",
-                                        "--out", str(out / "latency.json")], out / "latency.json"))
+    jobs.append(Job("latency", _py() + ["bench", "latency", "--config-file", str(out / "ablation.json"), "--modes",
+                                        modes, "--threads", "1", "--out", str(out / "latency.json")],
+                    out / "latency.json"))
     if args.baselines:
         for baseline in ("zero", "random"):
             eval_dir = out / "eval" / f"baseline_{baseline}"
@@ -191,8 +192,10 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, runs = plan(args)
+    # The study's command: without --report-only, which only re-renders the report of the same study.
+    command = ["fastwam", "ablate", *(a for a in argv if a not in ("--report-only", "--no-report-only"))]
     (out / "ablation.json").write_text(json.dumps({
-        "command": " ".join(["fastwam", "ablate", *argv]),
+        "command": " ".join(command),
         "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
         "config": args.config.to_dict(),
     }, indent=2))

@@ -183,8 +183,11 @@ def _verdict(diffs: dict) -> str:
     if co is not None:
         imag = [diffs[k] for k in (("joint", "fast"), ("idm", "fast")) if k in diffs]
         co_large = sig(co) and co["diff"] > 0
-        imag_small = all(abs(d["diff"]) < co["diff"] for d in imag) if imag else True
-        if co_large and imag_small:
+        imag_small = all(abs(d["diff"]) < co["diff"] for d in imag)
+        if co_large and not imag:  # only fast and no_cotrain were run: say nothing about imagination
+            pattern = ("The paper's co-training finding holds here (test-time imagination was not evaluated in "
+                       "this study).")
+        elif co_large and imag_small:
             pattern = "The paper's pattern holds here: co-training matters more than test-time imagination."
         elif not sig(co):
             pattern = ("The paper's pattern is not confirmed at this scale: the co-training effect is not "

@@ -16,11 +16,12 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import tyro
 
-from fastwam.config import get_preset
+from fastwam.config import Config, get_preset
 from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM
 from fastwam.policy import resolve_dtype
@@ -29,6 +30,7 @@ from fastwam.policy import resolve_dtype
 @dataclass
 class LatencyArgs:
     preset: str = "small_cpu"
+    config_file: str = ""  # time this config instead of the preset: a run's config.json, or an ablation.json
     modes: str = "fast,joint,idm"
     steps: int = 10
     batch: int = 1
@@ -55,6 +57,12 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
     return info
 
 
+def _load_config(path: str) -> Config:
+    """A Config from a run's config.json, or from the "config" entry of an ablation.json."""
+    d = json.loads(Path(path).read_text())
+    return Config.from_dict(d["config"] if "config" in d else d)
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -68,7 +76,7 @@ def run(args: LatencyArgs) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = resolve_dtype(args.dtype, device)
-    cfg = get_preset(args.preset)
+    cfg = _load_config(args.config_file) if args.config_file else get_preset(args.preset)
     m = cfg.model
     torch.manual_seed(0)
     with torch.device(device):
@@ -123,7 +131,8 @@ def run(args: LatencyArgs) -> dict:
             results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
     report = {
         "benchmark": "latency",
-        "preset": args.preset,
+        "preset": cfg.name,
+        "config_file": args.config_file or None,
         "steps": args.steps,
         "batch": args.batch,
         "iters": args.iters,
@@ -144,8 +153,6 @@ def cli(argv: list[str], prog: str = "fastwam bench latency") -> int:
     args = tyro.cli(LatencyArgs, args=argv, prog=prog)
     report = run(args)
     if args.out:
-        from pathlib import Path
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
     if args.json:
