@@ -19,7 +19,7 @@ from torch import nn
 from fastwam.config import ModelConfig
 from fastwam.model import flow
 from fastwam.model.experts import ActionExpert, VideoExpert
-from fastwam.model.mot import KVCache, Part, Stream, part_tokens, parts_layout, run_layers
+from fastwam.model.mot import KVCache, Part, Stream, parts_layout, run_layers
 from fastwam.model.visibility import MODE_RULES, Group, Rel, Variant, VisibilityRule
 
 # The methods `sample` runs through `_stage`: what `compile_inference` compiles.
@@ -187,7 +187,7 @@ class FastWAM(nn.Module):
         parts = [self.video_part(video, group)]
         layout = parts_layout(rule, parts, video.device)
         keys, values = self._stage("prefill_kv")(video, video_ctx, rule, group, layout)
-        return KVCache(list(keys), list(values), *part_tokens(parts, video.device), parts=tuple(parts))
+        return KVCache(list(keys), list(values), parts=tuple(parts))
 
     def prefill_kv(self, video: torch.Tensor, video_ctx, rule: VisibilityRule, group: Group, layout) -> tuple:
         record = KVCache()

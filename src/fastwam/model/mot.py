@@ -50,20 +50,19 @@ Part = tuple  # (group, number of tokens, number of leading tokens in latent fra
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values [B, H, S_prefix, Dh] of a prefix, plus the metadata the mask needs."""
+    """Per-layer keys/values [B, H, S_prefix, Dh] of a prefix, and the prefix's streams by shape (what the mask needs:
+    per-token group ids and first-frame flags follow from them, `part_tokens`)."""
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-    group_ids: torch.Tensor | None = None
-    first_frame: torch.Tensor | None = None
-    parts: tuple[Part, ...] = ()  # the prefix's streams by shape (set by `FastWAM.prefill`)
+    parts: tuple[Part, ...] = ()
 
     def __len__(self) -> int:
-        return 0 if self.group_ids is None else len(self.group_ids)
+        return sum(n for _, n, _ in self.parts)
 
     def action_layout(self, rule: VisibilityRule, num_tokens: int) -> Layout:
         """The (mask, plan) of `num_tokens` action queries against [this prefix ; themselves]."""
-        return parts_layout(rule, [(Group.ACTION, num_tokens, 0)], self.group_ids.device, self)
+        return parts_layout(rule, [(Group.ACTION, num_tokens, 0)], self.keys[0].device, self)
 
 
 def part_tokens(parts: list[Part], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +79,7 @@ def parts_layout(rule: VisibilityRule, parts: list[Part], device, cache: KVCache
     Memoised on (rule, shapes, device): building a layout reads the device back (`mask.all()`, the split plan's host
     copy), which would stall the queue before every request's denoising loop; a request with known shapes skips it.
     """
-    if cache is not None and len(cache) and not cache.parts:
-        raise ValueError("this KVCache has no `parts` (make it with FastWAM.prefill)")
-    prefix = tuple(cache.parts) if cache is not None and len(cache) else ()
+    prefix = cache.parts if cache is not None else ()
     parts = tuple(tuple(p) for p in parts)
     return _parts_layout(rule, parts, prefix, torch.device(device), get_attention_backend())
 
@@ -90,11 +87,7 @@ def parts_layout(rule: VisibilityRule, parts: list[Part], device, cache: KVCache
 @functools.lru_cache(maxsize=256)
 def _parts_layout(rule: VisibilityRule, parts: tuple, prefix: tuple, device: torch.device, backend: str) -> Layout:
     # `backend` is part of the key only: the split plan depends on the attention backend selected when it is built.
-    q_group, q_first = part_tokens(list(parts), device)
-    if not prefix:
-        return _layout(rule, q_group, q_first, q_group, q_first)
-    p_group, p_first = part_tokens(list(prefix), device)
-    return _layout(rule, q_group, q_first, torch.cat([p_group, q_group]), torch.cat([p_first, q_first]))
+    return _layout(rule, *_with_prefix(*part_tokens(list(parts), device), prefix))
 
 
 def build_mask(rule: VisibilityRule, streams: list[Stream], cache: KVCache | None) -> torch.Tensor | None:
@@ -104,14 +97,15 @@ def build_mask(rule: VisibilityRule, streams: list[Stream], cache: KVCache | Non
 
 def _stream_tokens(streams: list[Stream], cache: KVCache | None):
     q_group = torch.cat([s.group_ids() for s in streams])
-    return _with_prefix(q_group, torch.cat([s.first_frame for s in streams]), cache)
+    return _with_prefix(q_group, torch.cat([s.first_frame for s in streams]), cache.parts if cache else ())
 
 
-def _with_prefix(q_group, q_first, cache: KVCache | None):
-    """(query groups, query first-frame flags, key groups, key flags): the keys are [cache ; queries]."""
-    if cache is None or not len(cache):
+def _with_prefix(q_group, q_first, prefix: tuple[Part, ...]):
+    """(query groups, query first-frame flags, key groups, key flags): the keys are [prefix ; queries]."""
+    if not prefix:
         return q_group, q_first, q_group, q_first
-    return q_group, q_first, torch.cat([cache.group_ids, q_group]), torch.cat([cache.first_frame, q_first])
+    p_group, p_first = part_tokens(list(prefix), q_group.device)
+    return q_group, q_first, torch.cat([p_group, q_group]), torch.cat([p_first, q_first])
 
 
 def _mask(rule: VisibilityRule, q_group, q_first, k_group, k_first) -> torch.Tensor | None:
@@ -139,7 +133,7 @@ def run_layers(
     """Run every MoT layer over `streams`; returns each stream's final tokens.
 
     cache:  attend to these prefix K/V as well (they were recorded by an earlier call).
-    record: store this call's per-layer K/V (for later calls to use as a prefix).
+    record: store this call's per-layer K/V (for later calls to use as a prefix; the caller sets its `parts`).
     need_output: False skips the last layer's output half (only the recorded K/V are wanted).
     layout: the (mask, plan) of this call, when the caller built it already (see `KVCache.action_layout`).
     """
@@ -149,9 +143,6 @@ def run_layers(
         else:
             layout = _layout(rule, *_stream_tokens(streams, cache))
     mask, plan = layout
-    if record is not None:
-        record.group_ids = torch.cat([s.group_ids() for s in streams])
-        record.first_frame = torch.cat([s.first_frame for s in streams])
     xs = [s.x for s in streams]
     num_layers = len(streams[0].expert.blocks)
     for i in range(num_layers):
