@@ -125,7 +125,7 @@ def run(args: LatencyArgs) -> dict:
             "p50_ms": round(statistics.median(times), 3),
             "p90_ms": round(_percentile(times, 0.9), 3),
             "mean_ms": round(statistics.fmean(times), 3),
-            "first_call_s": round(first_call_s, 2),
+            "first_call_s": round(first_call_s, 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
         }
         if mode in eager_actions:
             results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
