@@ -27,7 +27,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[all]"
   # The reference openpi client (tests check wire compatibility). Its metadata pins numpy<2 although its code is
-  # pure Python, so it is installed without dependencies (REFERENCE.md); typing_extensions comes with torch.
+  # pure Python, so it is installed without dependencies (docs/reference.md); typing_extensions comes with torch.
   "$VENV/bin/python" -m pip install --quiet --no-deps "openpi-client==0.1.2"
   echo "$WANT" > "$STAMP"
 fi

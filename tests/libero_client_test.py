@@ -1,4 +1,7 @@
-"""The LIBERO client against a fake environment with LIBERO's observation format and a fake policy client."""
+"""The LIBERO client against a fake environment with LIBERO's observation format and a fake policy client.
+
+Each test pins one convention of the official Fast-WAM LIBERO evaluation (listed, with these test names, in the
+docstring of fastwam.eval.libero); the fakes record what the client sent and what it executed."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import pytest
 
 from fastwam.eval.libero import (
     DUMMY_ACTION,
+    IMAGE_KEY,
+    WRIST_KEY,
     LiberoArgs,
     build_observation,
     postprocess_actions,
@@ -23,12 +28,35 @@ RES = 256
 QUAT_Z90 = (0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4))
 
 
-def _camera(bottom_channel: int, left_channel: int) -> np.ndarray:
+def _camera(bottom_channel: int, left_channel: int, h: int = RES, w: int = RES) -> np.ndarray:
     """A render whose bottom half is bright in one channel and left half in another (so a flip is visible)."""
-    img = np.zeros((RES, RES, 3), dtype=np.uint8)
-    img[RES // 2:, :, bottom_channel] = 255
-    img[:, : RES // 2, left_channel] = 255
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    img[h // 2:, :, bottom_channel] = 255
+    img[:, : w // 2, left_channel] = 255
     return img
+
+
+def _official_center_crop_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The official eval script's `_center_crop_resize`, restated for the test."""
+    from PIL import Image
+
+    pil_image = Image.fromarray(image)
+    src_w, src_h = pil_image.size
+    scale = max(width / src_w, height / src_h)
+    resized = pil_image.resize((round(src_w * scale), round(src_h * scale)), resample=Image.BILINEAR)
+    rw, rh = resized.size
+    left = max((rw - width) // 2, 0)
+    top = max((rh - height) // 2, 0)
+    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
+def _official_gripper(chunk: np.ndarray) -> np.ndarray:
+    """The official post-processing of an un-normalised chunk: 2a - 1, sign flip, np.sign."""
+    a = np.array(chunk, dtype=np.float64)
+    a[..., -1] = a[..., -1] * 2 - 1
+    a[..., -1] = a[..., -1] * -1.0
+    a[..., -1] = np.sign(a[..., -1])
+    return a
 
 
 class FakeEnv:
@@ -38,6 +66,7 @@ class FakeEnv:
         assert resolution == RES
         self.script = script  # trial -> total env step at which `done` becomes True (None = never)
         self.trial = None
+        self.init_states: list = []  # what set_init_state received, episode by episode
         self.actions: list[list[float]] = []
         self.episodes: list[list[list[float]]] = []  # every episode's executed actions
         self.closed = False
@@ -58,6 +87,7 @@ class FakeEnv:
 
     def set_init_state(self, state):
         self.trial = state
+        self.init_states.append(state)
         return self._obs()
 
     def step(self, action):
@@ -91,11 +121,13 @@ class FakeBackend:
     def __init__(self, plan: dict):
         self.plan = plan  # suite -> task -> {trial_key: done_at}
         self.envs = []
+        self.seeds: list[int] = []
 
     def suite(self, name):
         return FakeSuite(name, self.plan[name])
 
     def make_env(self, task, resolution, seed):
+        self.seeds.append(seed)
         env = FakeEnv(self.plan[task["suite"]][task["id"]], resolution)
         self.envs.append(env)
         return env, f"{task['suite']} task {task['id']}"
@@ -104,9 +136,8 @@ class FakeBackend:
 class FakeClient:
     """Returns 32-action chunks whose first entry encodes the call index; gripper values 0.3, -0.2, 0.0 in turn."""
 
-    metadata = {"fake": True}
-
-    def __init__(self):
+    def __init__(self, metadata: dict | None = None):
+        self.metadata = metadata if metadata is not None else {"fake": True}
         self.requests: list[dict] = []
         self.resets = 0
 
@@ -122,17 +153,53 @@ class FakeClient:
         return {"actions": chunk}
 
 
-def test_image_flip_and_resize():
-    out = process_image(_camera(0, 1), 224)
-    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    # After the 180-degree rotation the bright-bottom channel 0 is at the top, the bright-left channel 1 at the right.
-    assert tuple(out[5, 5, :2]) == (255, 0)
-    assert tuple(out[218, 218, :2]) == (0, 255)
-    assert tuple(out[5, 218, :2]) == (255, 255) and tuple(out[218, 5, :2]) == (0, 0)
-    from PIL import Image
+def test_both_cameras_rotated_and_resized():
+    """Conventions 2-3 on what the server receives: each camera rotated 180 degrees, then resized to 224 x 224."""
+    client = FakeClient()
+    run(LiberoArgs(suites="libero_goal", trials=1, out=""), client=client,
+        backend=FakeBackend({"libero_goal": {0: {"t0": 31}}}), log=lambda _: None)
+    req = client.requests[0]
+    for key, (bottom, left) in ((IMAGE_KEY, (0, 1)), (WRIST_KEY, (2, 0))):
+        out = req[key]
+        assert out.shape == (224, 224, 3) and out.dtype == np.uint8, key
+        # After the rotation the bright-bottom channel is at the top and the bright-left channel at the right.
+        assert out[5, 5, bottom] == 255 and out[218, 5, bottom] == 0, key
+        assert out[5, 218, left] == 255 and out[5, 5, left] == 0, key
+        expected = _official_center_crop_resize(np.ascontiguousarray(_camera(bottom, left)[::-1, ::-1]), 224, 224)
+        assert np.array_equal(out, expected), key
 
-    ref = np.asarray(Image.fromarray(_camera(0, 1)[::-1, ::-1].copy()).resize((224, 224), Image.BILINEAR))
-    assert np.array_equal(out, ref)
+
+@pytest.mark.parametrize("shape", [(256, 256), (256, 320), (300, 200), (224, 224), (128, 128)])
+def test_centre_crop_resize_matches_official(shape):
+    """Convention 3: PIL bilinear cover-resize + centre crop, bit for bit (a square render is a plain resize)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    out = process_image(img, 224)
+    expected = _official_center_crop_resize(np.ascontiguousarray(img[::-1, ::-1]), 224, 224)
+    assert out.shape == (224, 224, 3) and np.array_equal(out, expected)
+    if shape[0] == shape[1]:
+        from PIL import Image
+
+        plain = np.asarray(Image.fromarray(np.ascontiguousarray(img[::-1, ::-1])).resize((224, 224), Image.BILINEAR))
+        assert np.array_equal(out, plain)
+
+
+def test_policy_composes_side_by_side_once():
+    """Convention 4: the client sends uint8 224 x 224 images under the keys the libero_2cam224 policy reads, and the
+    policy's composition is [agentview | wrist] scaled once by x * 2/255 - 1, as the official eval does."""
+    from fastwam.config import get_preset
+    from fastwam.data.transforms import compose_cameras
+    from fastwam.policy import camera_obs_key
+
+    data = get_preset("libero_2cam224").data
+    assert [camera_obs_key(k) for k in data.cameras] == [IMAGE_KEY, WRIST_KEY]
+    req = build_observation(FakeEnv({}, RES)._obs(), "pick it", 224)
+    assert req[IMAGE_KEY].dtype == np.uint8 and req[WRIST_KEY].dtype == np.uint8  # not scaled by the client
+    frame = compose_cameras([req[k] for k in (IMAGE_KEY, WRIST_KEY)], data).numpy()
+    rgb = np.concatenate([req[IMAGE_KEY], req[WRIST_KEY]], axis=1)  # the official side-by-side layout, 224 x 448
+    official = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    assert frame.shape == (3, 224, 448)
+    np.testing.assert_allclose(frame, official, atol=1e-6)
 
 
 def test_state_and_quaternion():
@@ -147,13 +214,17 @@ def test_state_and_quaternion():
     assert req["observation/wrist_image"].shape == (224, 224, 3)
 
 
-def test_gripper_binarisation():
-    chunk = np.zeros((4, 7))
-    chunk[:, -1] = [0.7, -0.3, 0.0, 1.0]
-    assert postprocess_actions(chunk, "native")[:, -1].tolist() == [1, -1, -1, 1]
-    assert postprocess_actions(chunk, "native", binarize=False)[:, -1].tolist() == [0.7, -0.3, 0.0, 1.0]
-    # 0 = close / 1 = open datasets: 1 -> -1 (open), 0 -> +1 (close).
-    assert postprocess_actions(chunk, "flip01")[:, -1].tolist() == [-1, 1, 1, -1]
+def test_gripper_matches_official():
+    """Convention 7: `flip01` is the official 2a - 1, sign flip, np.sign; `native` only binarises (np.sign)."""
+    chunk = np.zeros((8, 7))
+    chunk[:, 0] = np.arange(8)  # other dimensions pass through untouched
+    chunk[:, -1] = [0.0, 1.0, 0.5, 0.25, 0.75, -0.3, 1.4, 0.5000001]
+    flip = postprocess_actions(chunk, "flip01")
+    np.testing.assert_array_equal(flip, _official_gripper(chunk))
+    assert flip[:, -1].tolist() == [1, -1, 0, 1, -1, 1, -1, -1]  # 0 (close) -> +1, 1 (open) -> -1, 0.5 -> 0
+    assert postprocess_actions(chunk, "native")[:, -1].tolist() == [0, 1, 1, 1, 1, -1, 1, 1]
+    assert postprocess_actions(chunk, "native", binarize=False)[:, -1].tolist() == chunk[:, -1].tolist()
+    assert (postprocess_actions(chunk, "flip01")[:, :6] == chunk[:, :6]).all()
     with pytest.raises(ValueError, match=r"\[H, 7\]"):
         postprocess_actions(np.zeros((4, 6)))
 
@@ -194,7 +265,7 @@ def test_protocol_end_to_end(tmp_path):
     # Chunks 1, 2, 3: the first 10 actions of each, in order.
     assert policy[:, 0].tolist() == [100 + i for i in range(10)] + [200 + i for i in range(10)] + \
         [300 + i for i in range(5)]
-    assert policy[:10, -1].tolist() == [1, -1, -1, 1, -1, -1, 1, -1, -1, 1]
+    assert policy[:10, -1].tolist() == [1, -1, 0, 1, -1, 0, 1, -1, 0, 1]  # np.sign: 0.3, -0.2, 0.0
     assert len(episodes[1]) == 30 + 400  # never done: the whole budget, then stop
     assert len(backend.envs[1].episodes[1]) == 30 + 400  # `done` during the waits was ignored
     # What the server saw: flipped + resized images, 8-d state, the task's description as prompt.
@@ -204,11 +275,36 @@ def test_protocol_end_to_end(tmp_path):
     assert "mode" not in req
 
 
+def test_initial_states_cycle():
+    """Convention 11: trial i uses initial state i; more trials than states reuse them cyclically."""
+    backend = FakeBackend({"libero_goal": {0: {"s0": 31, "s1": None}}})
+    res = run(LiberoArgs(suites="libero_goal", trials=5, max_steps=3, out=""), client=FakeClient(), backend=backend,
+              log=lambda _: None)
+    assert backend.envs[0].init_states == ["s0", "s1", "s0", "s1", "s0"]
+    assert [e["success"] for e in res["suites"]["libero_goal"]["tasks"][0]["trials"]] == [True, False] * 2 + [True]
+
+
+def test_environment_seed_and_policy_seed():
+    """Convention 12: env.seed(42) once per task; the expected policy seed (42) is recorded and a server that reports
+    another seed is warned about."""
+    plan = {"libero_spatial": {0: {"t0": 31}, 1: {"t0": 31}}}
+    backend, logs = FakeBackend(plan), []
+    res = run(LiberoArgs(suites="libero_spatial", trials=1, out=""), client=FakeClient({"seed": 42}),
+              backend=backend, log=logs.append)
+    assert backend.seeds == [42, 42]
+    assert res["protocol"]["seed"] == 42 and res["protocol"]["policy_seed"] == 42
+    assert not any("warning" in line for line in logs)
+    logs.clear()
+    run(LiberoArgs(suites="libero_spatial", trials=1, out=""), client=FakeClient({"seed": 0}),
+        backend=FakeBackend(plan), log=logs.append)
+    assert any("warning" in line and "seed 0" in line for line in logs)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="unknown suite"):
         run(LiberoArgs(suites="libero_100", out=""), client=FakeClient(), backend=FakeBackend({}))
-    backend = FakeBackend({"libero_goal": {0: {"a": None}}})
-    with pytest.raises(ValueError, match="fewer than 3 trials"):
+    backend = FakeBackend({"libero_goal": {0: {}}})
+    with pytest.raises(ValueError, match="no initial states"):
         run(LiberoArgs(suites="libero_goal", trials=3, out=""), client=FakeClient(), backend=backend,
             log=lambda _: None)
 
@@ -227,5 +323,5 @@ def test_over_the_wire_with_fastwam_serve(tmp_path):
     assert results["suites"]["libero_object"]["successes"] == 1
     assert results["server"]["action_shape"] == [32, 7]
     executed = np.array(backend.envs[0].episodes[0][30:])
-    assert executed.shape == (25, 7) and (executed[:, :6] == 0).all() and (executed[:, 6] == -1).all()
+    assert executed.shape == (25, 7) and (executed == 0).all()  # np.sign(0) = 0, as in the official script
     assert policy.resets == 1

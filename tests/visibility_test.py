@@ -34,7 +34,7 @@ def _block(mask, q, k):
 
 
 def _expected(rule):
-    """Who-sees-whom at token-block level, written out by hand from REFERENCE.md."""
+    """Who-sees-whom at token-block level, written out by hand from docs/reference.md, "Attention masks"."""
     if rule is FAST_RULE:
         sees = {"v0": {"v0"}, "v1": {"v0", "v1"}, "a": {"v0", "a"}, "c0": set(), "c1": set()}
     elif rule is JOINT_RULE:

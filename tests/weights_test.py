@@ -1,5 +1,5 @@
 """Wan weights: diffusers / original layouts load into the video expert and reproduce diffusers' forward; the action
-expert is interpolated by the rule of REFERENCE.md."""
+expert is interpolated by the rule of docs/reference.md, "Action-expert initialisation"."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_model_config_from_diffusers_5b():
-    # The Wan2.2-TI2V-5B-Diffusers transformer config (values from REFERENCE.md).
+    # The Wan2.2-TI2V-5B-Diffusers transformer config (values from docs/reference.md, "Wan in diffusers").
     cfg_5b = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
               "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 14336, "freq_dim": 256, "image_dim": None,
               "in_channels": 48, "num_attention_heads": 24, "num_layers": 30, "out_channels": 48,

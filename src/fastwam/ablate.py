@@ -7,7 +7,7 @@ baselines (zero / random actions) -> report.md with Wilson CIs, latency, a bar c
 Every stage is a `fastwam` subprocess with its own log under OUT/logs/, skipped when its output already exists, so an
 interrupted study continues where it stopped (run the same command again). Trainings resume from their latest
 checkpoint. On a 2-core machine two single-threaded jobs side by side use the cores better than one two-threaded job
-(REFERENCE.md), hence `--parallel 2` with one torch thread per job.
+(docs/reference.md, "Learnability"), hence `--parallel 2` with one torch thread per job.
 """
 
 from __future__ import annotations

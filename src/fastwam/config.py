@@ -150,7 +150,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     grad_checkpointing: bool = False
     # Initialise from Wan2.2 weights (a local diffusers or original-layout directory): the video expert loads them,
-    # the action expert is interpolated from them (REFERENCE.md). Empty = random initialisation.
+    # the action expert is interpolated from them (docs/reference.md, "Action-expert initialisation"). Empty = random.
     init_from_wan: str = ""
     fsdp: bool = False  # multi-GPU: shard with FSDP2 (fully_shard) instead of DDP (the 5B preset)
     random_shift: int = 0  # augmentation: random translation of the clip's frames by up to N pixels
@@ -243,7 +243,7 @@ def _tiny() -> Config:
 def _small_cpu() -> Config:
     """Meta-World on 2 CPU cores: ~1.7M parameters, two 64x64 cameras, 3 latent frames x 32 tokens + 16 actions.
 
-    Sized from the measured speeds in REFERENCE.md (hidden 128 x 4 layers, ~200 tokens: ~4 it/s at batch 8).
+    Sized from the speeds in docs/reference.md, "CPU measurements" (hidden 128 x 4 layers, ~200 tokens: ~4 it/s).
     A token is a 16x16 pixel patch (space-to-depth 8, then the (1,2,2) patch embedding).
     """
     return Config(

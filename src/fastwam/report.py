@@ -14,7 +14,7 @@ from typing import Any
 
 from fastwam.eval.stats import bootstrap_diff_ci, fmt_rate, markdown_table, wilson_interval
 
-PAPER = {  # REFERENCE.md, LIBERO average / RoboTwin average
+PAPER = {  # docs/reference.md, "Reported results": LIBERO average / RoboTwin average
     "fast": (97.6, 91.8), "joint": (98.5, 90.6), "idm": (98.0, 91.3), "no_cotrain": (93.5, 83.8),
 }
 

@@ -1,21 +1,44 @@
 """`fastwam eval libero`: the LIBERO benchmark client, talking to `fastwam serve` over the openpi websocket protocol.
 
-The protocol is REFERENCE.md's (the official Fast-WAM / openpi evaluation):
-  - suites libero_spatial, libero_object, libero_goal, libero_10; 50 trials per task, trial i starting from the
-    suite's i-th fixed initial state;
-  - 256 x 256 renders; each camera image is flipped 180 degrees (LIBERO renders upside down) and resized to 224;
-  - state = end-effector position (3) + axis-angle of the end-effector quaternion (3) + gripper joint positions (2);
-  - the first 30 steps send a dummy action (zero motion, gripper open) while objects settle; they do not count;
-  - then at most 400 steps (700 for LIBERO-10): every 10 executed actions a new chunk is requested and its first 10
-    actions are executed;
-  - the gripper command is binarised to -1 (open) / +1 (close);
-  - an episode succeeds when the environment reports `done` (task predicate satisfied).
+It reproduces the official Fast-WAM LIBERO evaluation (`experiments/libero/eval_libero_single.py`, `libero_utils.py`
+and `configs/sim_libero.yaml` in github.com/yuantianyuan01/FastWAM; summarised in docs/reference.md, "LIBERO I/O").
+Each convention, where it happens, and the test in tests/libero_client_test.py that pins it:
+
+  1. Renders are 256 x 256 (`resolution`).                                    test_protocol_end_to_end (FakeEnv)
+  2. Both cameras are rotated 180 degrees, `img[::-1, ::-1]` (LIBERO renders upside down).
+     Client, `process_image`.                                                 test_both_cameras_rotated_and_resized
+  3. Each camera is centre-crop-resized to 224 x 224 exactly as the official `_center_crop_resize`: PIL bilinear
+     resize by max(224 / w, 224 / h) with rounded sizes, then a centre crop. Client, `process_image` (the server's
+     own resize is then a no-op).                                             test_centre_crop_resize_matches_official
+  4. The two images are laid side by side, [agentview | wrist] -> 224 x 448, and scaled to [-1, 1] by
+     x * 2/255 - 1. Server side: `FastWAMPolicy` (`compose_cameras` with the `libero_2cam224` preset); the client
+     sends uint8 images and never scales them, so they are scaled exactly once.
+                                                                              test_policy_composes_side_by_side_once
+  5. State (8) = eef position (3) + axis-angle of the eef quaternion (3, robosuite's `quat2axisangle`) + gripper
+     joint positions (2), float32, un-normalised (the server normalises). Client, `libero_state`.
+                                                                              test_state_and_quaternion
+  6. The prompt is the task's `language`; the server adds the "A video recorded from a robot's point of view ..."
+     template (`TextConfig.template`).                                        test_protocol_end_to_end
+  7. Gripper of the un-normalised chunk: a -> 2a - 1, then its sign flipped, then binarised with `np.sign` (an exact
+     0 stays 0). That is `--gripper flip01` (the official checkpoints' data store 0 = close / 1 = open). Datasets
+     already in LIBERO's -1 = open / +1 = close (openpi's LeRobot conversions, what fastwam's `libero_2cam224`
+     preset trains on) use `--gripper native`: no remapping, only the `np.sign` binarisation. Client,
+     `postprocess_actions`.                                                   test_gripper_matches_official
+  8. The first 30 steps execute the dummy action [0, 0, 0, 0, 0, 0, -1]; `done` during them does not count.
+  9. A new chunk is requested whenever the previous 10 actions have been executed (`replan`); its first 10 actions
+     are executed in order.
+ 10. At most 400 policy steps (700 for LIBERO-10 and LIBERO-90); success = the environment's `done`.
+                                                       (8-10) test_protocol_end_to_end, test_over_the_wire_...
+ 11. Trial i starts from the suite's i-th fixed initial state; more trials than stored states reuse them cyclically,
+     as the official script does.                                             test_initial_states_cycle
+ 12. Seeds: the environment gets `env.seed(42)` (the official run's `seed: 42`) once per task. The official policy
+     also samples its noise from a CPU generator seeded 42 on **every** call; that seed lives in the server
+     (`FastWAMPolicy(seed=...)`), so serve with seed 42 to match. The client records `policy_seed` (42) in the
+     results and warns when the server's metadata reports another seed.     test_environment_seed_and_policy_seed
+ 13. 50 trials per task; all four suites by default; one results JSON with Wilson intervals per task and suite.
+
 LIBERO itself is imported only when the real benchmark runs (it needs its own install and assets); everything else
 takes an environment backend and a policy client as arguments so it can be tested against fakes.
-
-Gripper convention: LIBERO executes -1 = open, +1 = close. The public LeRobot conversions (openpi's) keep that, so
-actions pass through (`--gripper native`). Datasets that store the gripper as 0 = close / 1 = open (the official
-Fast-WAM loader's flip) need `--gripper flip01`: a -> -(2a - 1).
 """
 
 from __future__ import annotations
@@ -32,7 +55,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-# Official per-suite step budgets (the longest demonstration of each suite, with margin).
+# Official per-suite step budgets (the official script's `_get_max_steps`).
 MAX_STEPS = {"libero_spatial": 400, "libero_object": 400, "libero_goal": 400, "libero_10": 700, "libero_90": 700}
 DEFAULT_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # no motion, gripper open
@@ -53,10 +76,11 @@ class LiberoArgs:
     max_steps: int = 0  # 0 = the suite's official budget (400, 700 for LIBERO-10)
     resolution: int = 256  # render size
     image_size: int = 224  # size sent to the server
-    gripper: Literal["native", "flip01"] = "native"
+    gripper: Literal["native", "flip01"] = "native"  # flip01 = the official checkpoints' 0 = close / 1 = open data
     binarize_gripper: bool = True
     mode: str = ""  # inference mode per request (fast / joint / idm); empty = the server's default
-    seed: int = 7  # environment seed (openpi's LIBERO example uses 7)
+    seed: int = 42  # environment seed, `env.seed(seed)` once per task (the official run's seed)
+    policy_seed: int = 42  # the noise seed the server should use on every call (checked against its metadata)
     out: str = "libero_results.json"
     json: bool = False  # print the results JSON at the end
 
@@ -75,14 +99,25 @@ def quat2axisangle(quat: Sequence[float]) -> np.ndarray:
     return q[:3] * 2.0 * math.acos(q[3]) / den
 
 
-def process_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Rotate 180 degrees (LIBERO's renders are upside down) and resize to size x size (bilinear), uint8 HxWx3."""
-    img = np.ascontiguousarray(np.asarray(image)[::-1, ::-1])
-    if img.shape[:2] != (size, size):
-        from PIL import Image
+def center_crop_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The official `_center_crop_resize`: PIL bilinear resize so the image covers (width, height) (sizes rounded),
+    then crop the centre (offsets rounded down). A same-size image comes back unchanged."""
+    from PIL import Image
 
-        img = np.asarray(Image.fromarray(img).resize((size, size), resample=Image.BILINEAR))
-    return img.astype(np.uint8, copy=False)
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    src_w, src_h = pil.size
+    scale = max(width / src_w, height / src_h)
+    resized = pil.resize((round(src_w * scale), round(src_h * scale)), resample=Image.BILINEAR)
+    rw, rh = resized.size
+    left, top = max((rw - width) // 2, 0), max((rh - height) // 2, 0)
+    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
+def process_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Rotate 180 degrees (LIBERO's renders are upside down), then centre-crop-resize to size x size: uint8 HxWx3.
+    Never scaled to [-1, 1] here: the server does that once."""
+    img = np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[::-1, ::-1])
+    return center_crop_resize(img, size, size)
 
 
 def libero_state(obs: dict) -> np.ndarray:
@@ -104,7 +139,10 @@ def build_observation(obs: dict, prompt: str, image_size: int = 224, mode: str =
 
 
 def postprocess_actions(actions: Any, gripper: str = "native", binarize: bool = True) -> np.ndarray:
-    """Server chunk [H, 7] -> what LIBERO executes: gripper mapped to -1 open / +1 close, optionally binarised."""
+    """Server chunk [H, 7] -> what LIBERO executes: gripper mapped to -1 open / +1 close, optionally binarised.
+
+    `flip01` is the official post-processing: a -> 2a - 1, then the sign flipped. Binarising is `np.sign`, as in the
+    official script (an exact 0 stays 0)."""
     a = np.array(actions, dtype=np.float64, copy=True)
     if a.ndim != 2 or a.shape[1] != 7:
         raise ValueError(f"expected an action chunk [H, 7] from the server, got shape {a.shape}")
@@ -113,7 +151,7 @@ def postprocess_actions(actions: Any, gripper: str = "native", binarize: bool = 
     elif gripper != "native":
         raise ValueError(f"unknown gripper convention {gripper!r}")
     if binarize:
-        a[:, -1] = np.where(a[:, -1] > 0, 1.0, -1.0)  # sign, with 0 -> open
+        a[:, -1] = np.sign(a[:, -1])
     return a
 
 
@@ -231,11 +269,16 @@ def run(
 
         with WebsocketClient(args.host, args.port) as ws:
             return run(args, ws, backend, log)
+    metadata = getattr(client, "metadata", None)
     results: dict = {
         "protocol": asdict(args),
-        "server": getattr(client, "metadata", None),
+        "server": metadata,
         "suites": {},
     }
+    server_seed = metadata.get("seed") if isinstance(metadata, dict) else None
+    if server_seed is not None and server_seed != args.policy_seed:
+        log(f"warning: the server samples with seed {server_seed}; the official evaluation uses {args.policy_seed} "
+            "on every call")
     for suite_name in suites:
         suite = backend.suite(suite_name)
         max_steps = args.max_steps or MAX_STEPS[suite_name]
@@ -243,12 +286,12 @@ def run(
         for task_id in _ids(args.task_ids, suite.n_tasks):
             task = suite.get_task(task_id)
             init_states = suite.get_task_init_states(task_id)
-            if len(init_states) < args.trials:
-                raise ValueError(f"{suite_name} task {task_id} has {len(init_states)} initial states, "
-                                 f"fewer than {args.trials} trials")
+            if len(init_states) == 0:
+                raise ValueError(f"{suite_name} task {task_id} has no initial states")
             env, description = backend.make_env(task, args.resolution, args.seed)
-            try:
-                episodes = [run_episode(env, init_states[i], description, client, args, max_steps, trial=i)
+            try:  # more trials than stored initial states reuse them cyclically, as the official script does
+                episodes = [run_episode(env, init_states[i % len(init_states)], description, client, args,
+                                        max_steps, trial=i)
                             for i in range(args.trials)]
             finally:
                 if hasattr(env, "close"):
@@ -305,6 +348,7 @@ def cli(argv: list[str], prog: str = "fastwam eval libero") -> int:
 
 
 __all__ = [
-    "DUMMY_ACTION", "MAX_STEPS", "EpisodeResult", "LiberoArgs", "LiberoBackend", "build_observation", "cli",
+    "DUMMY_ACTION", "MAX_STEPS", "EpisodeResult", "LiberoArgs", "LiberoBackend", "build_observation",
+    "center_crop_resize", "cli",
     "libero_state", "postprocess_actions", "process_image", "quat2axisangle", "run", "run_episode",
 ]

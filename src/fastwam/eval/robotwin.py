@@ -7,7 +7,7 @@ as `usr_args`:
     eval(TASK_ENV, model, observation)           repeatedly, with a fresh observation, until TASK_ENV.eval_success
                                                  or TASK_ENV.take_action_cnt reaches TASK_ENV.step_lim
 Each `eval` call here requests one action chunk for the current observation and executes its first `replan_steps`
-(24, REFERENCE.md) actions with `TASK_ENV.take_action(action, action_type="qpos")` — 14 joint positions, grippers
+(24; docs/reference.md, "RoboTwin 2.0") actions with `TASK_ENV.take_action(action, action_type="qpos")` — 14 joints
 included — stopping early on success or at the step limit.
 
 Observation mapping: RoboTwin's `observation["observation"][cam]["rgb"]` for head_camera, left_camera, right_camera go

@@ -1,7 +1,7 @@
 """The one joint-attention function every MoT layer calls, with two interchangeable backends.
 
 dense  one `scaled_dot_product_attention` with the boolean [Sq, Sk] mask. On CPU this is the fastest correct choice
-       (REFERENCE.md: FlexAttention has no CPU backward; bf16 and torch.compile are slower on this CPU), so it is the
+       (docs/reference.md, "CPU measurements": no FlexAttention CPU backward; bf16, compile slower), so it is the
        CPU default.
 split  no mask at all: the queries are cut into blocks of consecutive rows that see exactly the same keys, and each
        block runs one plain, unmasked SDPA over the key ranges it may see. Every visibility rule of this model gives

@@ -1,4 +1,4 @@
-"""Flow matching as in the official Fast-WAM code (REFERENCE.md "Flow matching").
+"""Flow matching as in the official Fast-WAM code (docs/reference.md, "Flow matching").
 
 Conventions: sigma = 0 is data, sigma = 1 is noise; x_sigma = (1 - sigma) * x0 + sigma * noise; the network predicts
 the velocity d x / d sigma = noise - x0; timestep = 1000 * sigma. Training draws u ~ U(0, 1) and warps it with the

@@ -1,6 +1,6 @@
 """What `fastwam serve` expects from a policy and from a client (the openpi websocket protocol, plus validation).
 
-Wire protocol (see REFERENCE.md, "Serving convention"):
+Wire protocol (see docs/reference.md, "Serving wire format"):
 
 1. On connect the server sends one binary message: the policy's `metadata` (msgpack), e.g.
    `{"observation_spec": {"observation/image": {"shape": [224, 224, 3], "dtype": "uint8"}, ...,
