@@ -59,8 +59,9 @@ def test_latent_frame_mask():
     mask = torch.tensor([[True, True, False]])
     assert torch.equal(codec.latent_frame_mask(mask), mask)
     codec.temporal_factor = 4  # the Wan VAE's grouping: frame 0 alone, then groups of 4
-    mask9 = torch.tensor([[True] * 6 + [False] * 3])
-    assert codec.latent_frame_mask(mask9).tolist() == [[True, True, False]]
+    # The official rule: a latent frame is padding only when all 4 of its pixel frames are.
+    mask9 = torch.tensor([[True] * 6 + [False] * 3, [True] * 5 + [False] * 4])
+    assert codec.latent_frame_mask(mask9).tolist() == [[True, True, True], [True, True, False]]
     assert codec.latent_frames(9) == 3
     with pytest.raises(ValueError):
         codec.latent_frames(8)

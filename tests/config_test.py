@@ -24,4 +24,4 @@ def test_unknown_fields_and_presets_are_errors():
 def test_mot_requires_shared_heads():
     m = get_preset("libero_2cam224").model
     assert (m.num_heads, m.head_dim, m.num_layers) == (24, 128, 30)
-    assert m.video_hidden_dim == 3072 and m.action_hidden_dim == 1024
+    assert m.video_dim == 3072 and m.action_hidden_dim == 1024

@@ -182,7 +182,7 @@ def test_no_cotrain_has_no_video_loss_but_same_action_loss(tiny_cfg):
 
 
 def test_padding_masks_exclude_padded_steps(tiny_cfg):
-    from fastwam.model.fastwam import _weighted_mean
+    from fastwam.model.fastwam import _weighted_sample_mean
 
     model, inp = _model(tiny_cfg), _inputs(tiny_cfg)
     m = tiny_cfg.model
@@ -198,10 +198,13 @@ def test_padding_masks_exclude_padded_steps(tiny_cfg):
     partial_mask[1, 2:] = False
     partial = model.loss(**inp, variant=VARIANTS["fast"], action_mask=partial_mask, generator=g())
     assert full.action > 0 and partial.action > 0 and partial.action != full.action
-    # The reduction: mean over unmasked elements, each sample scaled by its weight.
+    # The official reduction: each sample's mean over its unmasked elements, times its weight, then the batch mean.
     err = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert _weighted_mean(err, mask, torch.tensor([1.0, 2.0])).item() == pytest.approx((1 + 2 + 2 * 4) / 3)
+    want = (1.0 * (1 + 2) / 2 + 2.0 * 4 / 1) / 2
+    assert _weighted_sample_mean(err, mask, torch.tensor([1.0, 2.0])).item() == pytest.approx(want)
+    # A sample that is all padding contributes 0 (its mean is guarded, not NaN).
+    assert _weighted_sample_mean(err, torch.zeros_like(mask), torch.ones(2)).item() == 0.0
 
 
 def test_libero_preset_parameter_counts():

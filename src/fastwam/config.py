@@ -24,6 +24,10 @@ class ModelConfig:
     latent_channels: int = 48
     patch_size: tuple[int, int, int] = (1, 2, 2)
     video_ffn_dim: int = 14336
+    # Hidden size of the video expert; 0 = its attention width num_heads * head_dim, as in Wan. Another value grows
+    # or shrinks the video expert while the shared attention width, and with it the action expert, stays as it is
+    # (the capacity study's knob; Wan checkpoints need 0).
+    video_hidden_dim: int = 0
     # Shared by both experts: mixture-of-transformers needs equal heads, head dim and layer count.
     num_heads: int = 24
     head_dim: int = 128
@@ -46,8 +50,9 @@ class ModelConfig:
     latent_frames: int = 3
 
     @property
-    def video_hidden_dim(self) -> int:
-        return self.num_heads * self.head_dim
+    def video_dim(self) -> int:
+        """The video expert's hidden size (resolved `video_hidden_dim`)."""
+        return self.video_hidden_dim or self.num_heads * self.head_dim
 
     @property
     def attn_dim(self) -> int:

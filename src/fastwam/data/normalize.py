@@ -19,8 +19,10 @@ import torch
 NormMode = Literal["min_max", "q01_q99", "z_score"]
 NORM_MODES: tuple[str, ...] = ("min_max", "q01_q99", "z_score")
 STAT_KEYS = ("min", "max", "mean", "std", "q01", "q99")
-# Below this range (or std) a dimension is treated as constant: normalised to 0, un-normalised to its centre.
-EPS = 1e-6
+# The official Fast-WAM normaliser's constants (its LinearNormalizer; docs/reference.md, "Normalisation"):
+RANGE_EPS = 1e-4  # min/max, q01/q99: a dimension whose range is below this is only shifted (y = x - lo), not scaled
+STD_EPS = 1e-8  # z-score: y = (x - mean) / (std + STD_EPS)
+CLAMP = 5.0  # normalised values are clamped to [-CLAMP, CLAMP]; un-normalising does not clamp
 
 
 @dataclass
@@ -82,54 +84,52 @@ class NormStats:
 class Normalizer:
     """Maps raw values to the model's range and back, per key, for numpy arrays or torch tensors ([..., D]).
 
-    min_max / q01_q99: affine map of [lo, hi] to [-1, 1], clipped to [-1, 1] both ways (outliers beyond the
-    quantiles, and model outputs slightly outside the range, become the range's edge). z_score: (x - mean) / std,
-    not clipped. Dimensions with (almost) zero range map to 0 and back to their centre.
+    The official Fast-WAM rules, exactly: min_max / q01_q99 map [lo, hi] affinely to [-1, 1]
+    (y = 2 (x - lo) / (hi - lo) - 1), except that a dimension with hi - lo < 1e-4 is only shifted (y = x - lo);
+    z_score is y = (x - mean) / (std + 1e-8). Normalising clamps y to [-5, 5] (so outliers stay bounded but are not
+    flattened onto the range's edge); un-normalising is the exact affine inverse, without a clamp. Every rule is one
+    affine map y = (x - offset) / scale per dimension, computed in float64 and returned in the input's dtype.
     """
 
     def __init__(self, stats: NormStats, mode: NormMode = "min_max"):
         if mode not in NORM_MODES:
             raise ValueError(f"unknown normalizer {mode!r}; choose one of {NORM_MODES}")
         self.stats, self.mode = stats, mode
-        self._params: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key, st in stats.stats.items():
             if mode == "z_score":
-                center, scale = st["mean"], st["std"]
+                offset, scale = st["mean"], st["std"] + STD_EPS
             else:
                 lo, hi = (st["min"], st["max"]) if mode == "min_max" else (st["q01"], st["q99"])
-                center, scale = (hi + lo) / 2, (hi - lo) / 2
-            live = scale > EPS
-            self._params[key] = (center, np.where(live, scale, 1.0), live)
+                live = (hi - lo) >= RANGE_EPS
+                # y = 2 (x - lo) / (hi - lo) - 1 = (x - (hi + lo) / 2) / ((hi - lo) / 2); near-constant: y = x - lo.
+                offset = np.where(live, (hi + lo) / 2, lo)
+                scale = np.where(live, (hi - lo) / 2, 1.0)
+            self._params[key] = (offset, scale)
 
-    @property
-    def clip(self) -> bool:
-        return self.mode != "z_score"
-
-    def _get(self, key: str, x: np.ndarray | torch.Tensor):
+    def _get(self, key: str, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if key not in self._params:
             raise KeyError(f"no normalisation stats for {key!r} (have {list(self._params)})")
-        center, scale, live = self._params[key]
-        if x.shape[-1] != len(center):
-            raise ValueError(f"{key}: last dimension {x.shape[-1]} != stats dimension {len(center)}")
+        offset, scale = self._params[key]
+        if x.shape[-1] != len(offset):
+            raise ValueError(f"{key}: last dimension {x.shape[-1]} != stats dimension {len(offset)}")
+        return offset, scale
+
+    @staticmethod
+    def _apply(x: np.ndarray | torch.Tensor, fn) -> np.ndarray | torch.Tensor:
+        """fn on float64 values (a near-constant z-score dimension divides by ~1e-8: float32 would lose it), returned
+        in the input's floating dtype (float32 for integer input) and, for tensors, on its device."""
         if isinstance(x, torch.Tensor):
-            kw = {"dtype": x.dtype if x.is_floating_point() else torch.float32, "device": x.device}
-            return torch.as_tensor(center, **kw), torch.as_tensor(scale, **kw), torch.as_tensor(live, device=x.device)
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            y = fn(x.detach().to("cpu", torch.float64).numpy())
+            return torch.from_numpy(np.ascontiguousarray(y)).to(x.device, dtype)
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-        return center.astype(dtype), scale.astype(dtype), live
+        return fn(np.asarray(x, dtype=np.float64)).astype(dtype, copy=False)
 
     def normalize(self, key: str, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        center, scale, live = self._get(key, x)
-        y = (x - center) / scale
-        if isinstance(y, torch.Tensor):
-            y = torch.where(live, y, torch.zeros_like(y))
-            return y.clamp(-1.0, 1.0) if self.clip else y
-        y = np.where(live, y, 0).astype(center.dtype, copy=False)
-        return np.clip(y, -1.0, 1.0) if self.clip else y
+        offset, scale = self._get(key, x)
+        return self._apply(x, lambda v: np.clip((v - offset) / scale, -CLAMP, CLAMP))
 
     def unnormalize(self, key: str, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        center, scale, live = self._get(key, y)
-        if isinstance(y, torch.Tensor):
-            y = y.clamp(-1.0, 1.0) if self.clip else y
-            return torch.where(live, y * scale + center, center.expand_as(y))
-        y = np.clip(y, -1.0, 1.0) if self.clip else y
-        return np.where(live, y * scale + center, center).astype(center.dtype, copy=False)
+        offset, scale = self._get(key, y)
+        return self._apply(y, lambda v: v * scale + offset)

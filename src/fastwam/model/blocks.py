@@ -14,7 +14,6 @@ mixture-of-transformers layer can run ONE attention over the tokens of several e
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -161,11 +160,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding with cos first (diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0))."""
+    """Sinusoidal embedding with cos first, computed in float64 and returned in float32 (the official Fast-WAM / Wan
+    `sinusoidal_embedding_1d`). diffusers' `Timesteps(flip_sin_to_cos=True)` is the same formula in float32, which
+    differs by up to ~1e-4 at t ~ 1000 (t * freq loses digits in float32)."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[..., None] * torch.exp(exponent)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.pow(max_period, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
 
 
 class TimestepEmbedding(nn.Module):

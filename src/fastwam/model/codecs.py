@@ -43,11 +43,12 @@ class LatentCodec(nn.Module):
         return 1 + (num_frames - 1) // self.temporal_factor
 
     def latent_frame_mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] valid-frame mask -> [B, F]: a latent frame is valid when every frame it covers is."""
+        """[B, T] valid-frame mask -> [B, F]: as in the official code, a latent frame k > 0 is padding only when every
+        pixel frame it covers is padding (so it is valid when any of them is)."""
         first, rest = frame_mask[:, :1], frame_mask[:, 1:]
         if rest.shape[1] == 0:
             return first
-        return torch.cat([first, rest.unflatten(1, (-1, self.temporal_factor)).all(dim=2)], dim=1)
+        return torch.cat([first, rest.unflatten(1, (-1, self.temporal_factor)).any(dim=2)], dim=1)
 
 
 class PixelCodec(LatentCodec):

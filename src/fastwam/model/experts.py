@@ -4,6 +4,9 @@
 embedder; `ActionExpert` is the same recipe at its own width with an action encoder instead of the patch embedding.
 Both turn their inputs into a `Stream` — the tokens of one group plus everything the MoT layers need about them
 (time modulation, RoPE, text context, visibility metadata) — and map final tokens back through their output head.
+The heads differ, as in the official Fast-WAM code: the video expert ends with Wan's AdaLN output norm (learned
+shift/scale table + temb) and `proj_out`; the action expert with a plain `Linear(hidden, action_dim)` on the last
+hidden state (no norm, no modulation; the official `ActionHead` class with a modulated norm is defined but unused).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from fastwam.model.visibility import FULL_RULE, Group
 
 
 class Expert(nn.Module):
-    """Condition embedder, blocks and output head shared by both experts (diffusers' names)."""
+    """Condition embedder and blocks shared by both experts (diffusers' names); each expert adds its own head."""
 
-    def __init__(self, cfg: ModelConfig, dim: int, ffn_dim: int, out_dim: int):
+    def __init__(self, cfg: ModelConfig, dim: int, ffn_dim: int):
         super().__init__()
         self.cfg = cfg
         self.dim = dim
@@ -31,14 +34,10 @@ class Expert(nn.Module):
             DiTBlock(dim, ffn_dim, cfg.num_heads, cfg.head_dim, cfg.eps, cfg.cross_attn_norm)
             for _ in range(cfg.num_layers)
         )
-        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.proj_out = nn.Linear(dim, out_dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """Final AdaLN (learned table + temb) and projection: [B, S, D] -> [B, S, out_dim]."""
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
-        return self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
+        """Final hidden states [B, S, D] -> outputs [B, S, out_dim] (temb: [B, S or 1, D], for heads that use it)."""
+        raise NotImplementedError
 
     def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention K/V of a projected context, for reuse over all denoising steps. With the
@@ -54,9 +53,17 @@ class VideoExpert(Expert):
     """A Wan2.2 DiT over patchified video latents; `forward` reproduces diffusers' WanTransformer3DModel."""
 
     def __init__(self, cfg: ModelConfig):
-        dim = cfg.num_heads * cfg.head_dim
-        super().__init__(cfg, dim, cfg.video_ffn_dim, cfg.latent_channels * math.prod(cfg.patch_size))
+        dim = cfg.video_dim
+        super().__init__(cfg, dim, cfg.video_ffn_dim)
         self.patch_embedding = nn.Conv3d(cfg.latent_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.latent_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Wan's output AdaLN (learned table + temb, per token) and projection: [B, S, D] -> [B, S, patch values]."""
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
+        return self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
 
     def grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         pt, ph, pw = self.cfg.patch_size
@@ -119,8 +126,13 @@ class ActionExpert(Expert):
     """The action chunk as tokens: Linear(action_dim -> hidden), 1-D RoPE over the index, one timestep per sample."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.action_hidden_dim, cfg.action_ffn_dim, cfg.action_dim)
+        super().__init__(cfg, cfg.action_hidden_dim, cfg.action_ffn_dim)
         self.action_encoder = nn.Linear(cfg.action_dim, cfg.action_hidden_dim)
+        self.proj_out = nn.Linear(cfg.action_hidden_dim, cfg.action_dim)  # the official `head`
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """The official action head: a plain linear map of the last hidden state (temb unused)."""
+        return self.proj_out(x)
 
     def to_stream(self, actions: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> Stream:
         """actions [B, H, A]; timestep [B]; context: this expert's projected text."""

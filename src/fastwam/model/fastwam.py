@@ -56,9 +56,19 @@ class TrainingNoise:
 
 
 @dataclass
+class TrainingForward:
+    """What one training forward predicts, and its targets (velocity = noise - data)."""
+
+    action_velocity: torch.Tensor  # [B, Ha, A]
+    action_target: torch.Tensor
+    video_velocity: torch.Tensor | None = None  # [B, C, F, H, W], every frame (frame 0 is not trained)
+    video_target: torch.Tensor | None = None
+
+
+@dataclass
 class LossOutput:
     total: torch.Tensor
-    video: torch.Tensor  # unweighted video flow loss (0 when not computed)
+    video: torch.Tensor  # the video flow loss before the variant's loss weight (0 when not computed)
     action: torch.Tensor
 
 
@@ -110,10 +120,34 @@ class FastWAM(nn.Module):
 
         latent_mask [B, F] / action_mask [B, Ha]: False marks padding past the episode end (excluded from the loss).
         noise: explicit noise (e.g. the rank's slice of a global batch's draw); else drawn from `generator`.
+
+        The official reduction: video = squared error averaged over (C, H, W) of each latent frame 1.., then over the
+        sample's valid frames; action = averaged over A, then over the valid steps; each sample times its own noise-
+        level weight w(sigma); then the batch mean (so a sample counts the same however much of it is padding).
         """
-        device = latents.device
         if noise is None:
-            noise = TrainingNoise.draw(variant, latents.shape, actions.shape, generator, device, latents.dtype)
+            noise = TrainingNoise.draw(variant, latents.shape, actions.shape, generator, latents.device, latents.dtype)
+        fwd = self.training_forward(latents, actions, state, text, variant, noise)
+        err_a = (fwd.action_velocity.float() - fwd.action_target.float()).pow(2).mean(-1)  # [B, Ha]
+        mask_a = torch.ones_like(err_a) if action_mask is None else action_mask.to(err_a.dtype)
+        loss_a = _weighted_sample_mean(err_a, mask_a, flow.loss_weight(noise.sigma_a))
+
+        loss_v = torch.zeros((), device=latents.device)
+        if fwd.video_velocity is not None and variant.video_loss_weight > 0:
+            err_v = (fwd.video_velocity.float() - fwd.video_target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+            mask_v = torch.ones_like(err_v)
+            if latent_mask is not None:
+                mask_v = latent_mask[:, : err_v.shape[1]].to(err_v.dtype)
+            # Frame 0 is the clean observation: never part of the video loss.
+            loss_v = _weighted_sample_mean(err_v[:, 1:], mask_v[:, 1:], flow.loss_weight(noise.sigma_v))
+
+        total = variant.video_loss_weight * loss_v + variant.action_loss_weight * loss_a
+        return LossOutput(total=total, video=loss_v.detach(), action=loss_a.detach())
+
+    def training_forward(
+        self, latents, actions, state, text, variant: Variant, noise: TrainingNoise
+    ) -> TrainingForward:
+        """One training forward: noise both modalities, run the variant's masked MoT, predict both velocities."""
         sigma_v, sigma_a, noise_a = noise.sigma_v, noise.sigma_a, noise.noise_a
         video_ctx, action_ctx = self.contexts(text, state)
 
@@ -136,28 +170,13 @@ class FastWAM(nn.Module):
             streams.append(self.video.to_stream(cond, cond_t, video_ctx, Group.COND))
 
         streams.append(self.action.to_stream(flow.add_noise(actions, noise_a, sigma_a), 1000.0 * sigma_a, action_ctx))
-
         outs = self._run(streams, variant.rule)
-
-        pred_a = self.action.head(outs[-1], streams[-1].temb)
-        err_a = (pred_a.float() - flow.velocity_target(actions, noise_a).float()).pow(2).mean(-1)  # [B, Ha]
-        mask_a = torch.ones_like(err_a) if action_mask is None else action_mask.to(err_a.dtype)
-        loss_a = _weighted_mean(err_a, mask_a, flow.loss_weight(sigma_a))
-
-        loss_v = torch.zeros((), device=device)
+        out = TrainingForward(self.action.head(outs[-1]), flow.velocity_target(actions, noise_a))
         if want_video:
             pred_v = self.video.head(outs[0], streams[0].temb)
-            target_v = self.video.patchify(flow.velocity_target(video_in, noise_v))
-            err_v = (pred_v.float() - target_v.float()).pow(2).mean(-1)  # [B, S]
-            f, h, w = self.video.grid(video_in)
-            frame = torch.arange(f, device=device).repeat_interleave(h * w)
-            mask_v = (frame > 0).to(err_v.dtype)[None, :].expand_as(err_v)
-            if latent_mask is not None:
-                mask_v = mask_v * latent_mask[:, frame].to(err_v.dtype)
-            loss_v = _weighted_mean(err_v, mask_v, flow.loss_weight(sigma_v))
-
-        total = variant.video_loss_weight * loss_v + variant.action_loss_weight * loss_a
-        return LossOutput(total=total, video=loss_v.detach(), action=loss_a.detach())
+            out.video_velocity = self.video.unpatchify(pred_v, self.video.grid(video_in))
+            out.video_target = flow.velocity_target(video_in, noise_v)
+        return out
 
     def forward(self, *args, **kwargs) -> LossOutput:
         """The training loss (DDP / FSDP hook into `forward`)."""
@@ -203,7 +222,7 @@ class FastWAM(nn.Module):
         timestep = torch.as_tensor(1000.0 * sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         stream = self.action.to_stream(x, timestep, action_ctx)
         (out,) = self._run([stream], rule, cache=cache, layout=layout)
-        return self.action.head(out, stream.temb)
+        return self.action.head(out)
 
     def action_step(self, x_a, sigma, sigma_next, cache: KVCache, action_ctx, rule, layout) -> torch.Tensor:
         """One Euler step of the action expert alone against a cached prefix (fast / idm): the per-request loop."""
@@ -354,8 +373,11 @@ def _future_euler_step(x_v: torch.Tensor, v_v: torch.Tensor, sigma, sigma_next) 
     return torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
 
 
-def _weighted_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean of err [B, N] over unmasked elements, each sample scaled by its noise-level weight [B]."""
-    return (err * mask * weight[:, None]).sum() / mask.sum().clamp_min(1.0)
+def _weighted_sample_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """err [B, N] averaged over each sample's unmasked elements, times the sample's weight [B], averaged over the
+    batch. (Video tokens: every latent frame has the same number of tokens, so this is the official mean over a
+    frame's (C, H, W) followed by the mean over the sample's valid frames.)"""
+    per_sample = (err * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return (per_sample * weight.to(per_sample.dtype)).mean()
 
 

@@ -8,6 +8,8 @@ the same warp of linspace(1, 0, N + 1).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DEFAULT_SHIFT = 5.0
@@ -36,19 +38,22 @@ def _raw_weight(timestep: torch.Tensor) -> torch.Tensor:
     return torch.exp(-2.0 * ((timestep - 500.0) / 1000.0) ** 2)
 
 
-def _weight_norm(shift: float, n: int = 1000) -> float:
-    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return float(_raw_weight(1000.0 * shift_sigma(u, shift)).mean())
-
-
-_NORMS: dict[float, float] = {}
+@functools.lru_cache(maxsize=8)
+def _weight_stats(shift: float, grid: int = 1000) -> tuple[float, float]:
+    """(y_min, mean(y - y_min)) of the raw weight over the official float64 grid t = 1000 * warp(u),
+    u = linspace(1, 0, grid + 1)[:-1] (the endpoint u = 1, i.e. t = 1000, included; u = 0 left out)."""
+    u = torch.linspace(1.0, 0.0, grid + 1, dtype=torch.float64)[:-1]
+    y = _raw_weight(1000.0 * shift_sigma(u, shift))
+    y_min = float(y.min())
+    return y_min, float((y - y_min).mean())
 
 
 def loss_weight(sigma: torch.Tensor, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
-    """Gaussian bump over the timestep, normalised to mean 1 over the shifted training distribution."""
-    if shift not in _NORMS:
-        _NORMS[shift] = _weight_norm(shift)
-    return _raw_weight(1000.0 * sigma.float()) / _NORMS[shift]
+    """The official per-sample loss weight w = (y(t) - y_min) / mean(y - y_min), y(t) = exp(-2 ((t - 500) / 1000)^2),
+    t = 1000 sigma: a bump that is 0 at sigma = 0 and 1 and ~2.08 at sigma = 0.5, with mean ~1 over the shifted
+    training distribution. Computed in float32 like the official scheduler (its 1e-10 guard included)."""
+    y_min, norm = _weight_stats(float(shift))
+    return (_raw_weight(1000.0 * sigma.float()) - y_min) / (norm + 1e-10)
 
 
 def euler_sigmas(steps: int, shift: float = DEFAULT_SHIFT, device=None) -> torch.Tensor:

@@ -43,7 +43,7 @@ from fastwam.config import ModelConfig
 
 # ModelConfig fields that describe the video expert (the rest are the action expert and the robot interface).
 VIDEO_FIELDS = (
-    "latent_channels", "patch_size", "video_ffn_dim", "num_heads", "head_dim", "num_layers",
+    "latent_channels", "patch_size", "video_ffn_dim", "video_hidden_dim", "num_heads", "head_dim", "num_layers",
     "freq_dim", "text_dim", "cross_attn_norm", "eps", "rope_max_seq_len",
 )
 
@@ -419,8 +419,10 @@ ACTION_RANDOM_PREFIXES = ("action_encoder.", "proj_out.")
 
 
 def resize_tensor(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """REFERENCE.md's rule: resize each dimension by 1-D linear interpolation (align_corners=True), then, when the last
-    dimension shrank, multiply by sqrt(d_src / d_tgt). Computed in float64, returned in `src`'s dtype."""
+    """The official action-expert initialisation rule (docs/reference.md, "Action-expert initialisation"): resize each
+    dimension by 1-D linear interpolation (align_corners=True); then a tensor with ndim >= 2 whose last (input)
+    dimension changed is multiplied by sqrt(d_src / d_tgt), which keeps a linear layer's output scale when its fan-in
+    changes. 1-D tensors (biases, norm weights) are never scaled. Computed in float64, returned in `src`'s dtype."""
     shape = tuple(shape)
     if src.dim() != len(shape):
         raise ValueError(f"cannot resize a {src.dim()}-D tensor {tuple(src.shape)} to {len(shape)}-D {shape}")
@@ -428,7 +430,7 @@ def resize_tensor(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     for dim, size in enumerate(shape):
         if x.shape[dim] != size:
             x = _interp_dim(x, dim, size)
-    if shape and shape[-1] < src.shape[-1]:
+    if len(shape) >= 2 and shape[-1] != src.shape[-1]:
         x = x * math.sqrt(src.shape[-1] / shape[-1])
     return x.to(src.dtype)
 
