@@ -9,22 +9,13 @@ import textwrap
 
 import pytest
 from safetensors.torch import load_file
+from train_helpers import synthetic_clips as _data
+from train_helpers import tiny_train_config as _cfg
 
 from fastwam import checkpoint as ckpt_io
 from fastwam.config import get_preset
-from fastwam.data.synthetic import SyntheticClips
 from fastwam.model.fastwam import FastWAM
 from fastwam.train import StepBatches, lr_scale, train
-
-
-def _cfg(steps=8, **train_kw):
-    cfg = get_preset("tiny")
-    tc = dataclasses.replace(cfg.train, steps=steps, save_every=4, log_every=1, batch_size=4, **train_kw)
-    return cfg.replace(train=tc)
-
-
-def _data(cfg, n=16):
-    return SyntheticClips(cfg.data, num_clips=n)
 
 
 @pytest.mark.parametrize("variant", ["fast", "joint", "idm", "no_cotrain"])
@@ -75,7 +66,7 @@ def test_resume_equals_straight_run(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     # A resume with a different model shape is refused with a clear message.
     bad = cfg.replace(model=dataclasses.replace(cfg.model, num_layers=3))
-    with pytest.raises(ckpt_io.CheckpointError, match="num_layers"):
+    with pytest.raises(ckpt_io.CheckpointError, match="model.num_layers: 2 -> 3"):
         train(bad, tmp_path / "resumed", resume=True, dataset=data, progress=False)
 
 
@@ -146,16 +137,18 @@ def test_killed_during_checkpoint_write_keeps_previous(tmp_path):
     assert ck.name == "step_0000004"
     model = FastWAM(ckpt_io.load_config(ck).model)
     ckpt_io.load_weights(model, ck / "model.safetensors")
-    # A later save cleans up nothing it should not and resume still works.
+    # A later save removes the dead writer's temporary (a full model file) and resume still works.
+    assert list((tmp_path / "run" / "checkpoints").glob("*.tmp-*"))
     again = train(_cfg(steps=6), tmp_path / "run", resume=True, dataset=_data(cfg), progress=False)
     assert again.step == 6
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp-*"))
 
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):
     cfg = _cfg(steps=4)
     data = _data(cfg)
     data.items[0]["actions"] = data.items[0]["actions"] * float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(FloatingPointError, match="non-finite loss"):  # a UserError too: one line in the CLI
         train(cfg.replace(train=dataclasses.replace(cfg.train, batch_size=16)), tmp_path / "nan", dataset=data,
               progress=False)
 

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastwam.config import Config
+from fastwam.presets import PresetArgs
 
 VARIANT_MODES = {"fast": "fast", "joint": "joint", "idm": "idm", "no_cotrain": "fast"}
 DEFAULT_TASKS = "button-press-topdown-v3,drawer-open-v3,door-open-v3,window-open-v3,reach-v3,push-v3"
 
 
 @dataclass
-class AblateArgs:
+class AblateArgs(PresetArgs):
     """The four-variant ablation (Fast-WAM / Joint / IDM / without video co-training) on Meta-World."""
 
     config: Config
@@ -92,7 +93,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             overrides = _config_overrides(cfg) + [
                 "--dataset", str(data_dir), "--out", str(run_dir), "--variant", variant, "--steps",
                 str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
-                "--resume", "--no-progress",
+                "--auto-resume", "--no-progress",
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
             jobs.append(Job(f"train_{name}", _py() + ["train"] + overrides, final,

@@ -9,7 +9,12 @@ A checkpoint is a directory:
 A run directory holds `checkpoints/step_XXXXXXX/` and a `latest` file naming the newest complete one.
 
 Atomicity: everything is written into `step_X.tmp-<pid>/` and renamed into place in one `os.rename`, then `latest` is
-replaced with `os.replace`. A process killed at any moment leaves either the old or the new checkpoint complete.
+replaced with `os.replace`. A process killed at any moment leaves either the old or the new checkpoint complete; the
+`*.tmp-<pid>` it leaves (a full model file each) is removed by the next save, once that pid is no longer running.
+
+Reproducible files: the same tensors give the same bytes (keys sorted, one fixed metadata entry: safetensors orders a
+metadata map of two or more entries differently from call to call), and every file gets the mode a plain `open()`
+gives (0644 under the usual umask; safetensors itself writes 0600).
 """
 
 from __future__ import annotations
@@ -24,17 +29,52 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastwam.config import Config
+from fastwam.errors import UserError
 
 CONFIG, WEIGHTS, EMA, NORM_STATS, TRAIN_STATE = "config.json", "model.safetensors", "ema.safetensors", \
     "norm_stats.json", "train_state"
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint or run directory is missing, incomplete, corrupt or does not fit: the message names the file."""
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # read once: os.umask can only be read by setting it
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors with sorted keys and fixed metadata (identical tensors -> identical bytes), mode as open() gives."""
+    save_file(dict(sorted(tensors.items())), str(path), metadata={"format": "pt"})
+    os.chmod(path, _FILE_MODE)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError) for broken files
+        raise CheckpointError(f"{path}: cannot read it ({' '.join(str(e).split())}); the file is truncated or not "
+                              "safetensors — use another checkpoint, or re-save this one") from None
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt") from None
 
 
 def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,18 +116,22 @@ def save_checkpoint(
     ema: torch.nn.Module | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Write checkpoints/step_{step}/ atomically and point `latest` at it. Returns the checkpoint directory."""
+    """Write checkpoints/step_{step}/ atomically and point `latest` at it. Returns the checkpoint directory.
+
+    keep_last > 0 keeps that many checkpoints: the one just written and the newest others by step.
+    """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     _write_json(tmp / CONFIG, config.to_dict())
-    save_file(_state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+    _save_tensors(_state_dict_for_save(model), tmp / WEIGHTS)
     if ema is not None:
-        save_file(_state_dict_for_save(ema), str(tmp / EMA))
+        _save_tensors(_state_dict_for_save(ema), tmp / EMA)
     if norm_stats is not None:
         _write_json(tmp / NORM_STATS, norm_stats)
     if optimizer is not None or train_state is not None:
@@ -95,7 +139,7 @@ def save_checkpoint(
         meta = {}
         if optimizer is not None:
             tensors, meta = optimizer_to_tensors(optimizer)
-            save_file(tensors, str(tmp / TRAIN_STATE / "optimizer.safetensors"))
+            _save_tensors(tensors, tmp / TRAIN_STATE / "optimizer.safetensors")
         _write_json(tmp / TRAIN_STATE / "state.json", {"step": step, "optimizer": meta, **(train_state or {})})
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -104,10 +148,47 @@ def save_checkpoint(
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, ckpt_root / "latest")
     if keep_last > 0:
-        complete = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name)
-        for old in complete[:-keep_last]:
+        others = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and p != final)
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the `*.tmp-<pid>` left in checkpoints/ by writers that are no longer running (or by this process).
+
+    A live pid's temporary is a save in progress (another process writing into the same run) and is left alone.
+    """
+    removed = []
+    for p in sorted((Path(run_dir) / "checkpoints").glob("*.tmp-*")):
+        pid = p.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run directory (those with model weights), by step."""
+    return _complete(Path(run_dir) / "checkpoints")
+
+
+def _complete(ckpt_root: Path) -> list[Path]:
+    return sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and (p / WEIGHTS).is_file())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -121,7 +202,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         candidate = root / latest.read_text().strip()
         if (candidate / WEIGHTS).is_file():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if ".tmp-" not in p.name and (p / WEIGHTS).is_file())
+    complete = _complete(root)
     if complete:
         return complete[-1]
     raise CheckpointError(f"no checkpoint found at {path} (expected {WEIGHTS} or checkpoints/latest)")
@@ -129,10 +210,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_config(ckpt: str | Path) -> Config:
     ckpt = resolve_checkpoint(ckpt)
+    data = _load_json(ckpt / CONFIG)
     try:
-        return Config.from_dict(json.loads((ckpt / CONFIG).read_text()))
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt / CONFIG} is missing") from None
+        return Config.from_dict(data)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{ckpt / CONFIG} does not describe a fastwam Config: {e}") from None
 
@@ -143,9 +223,7 @@ def load_weights(module: torch.nn.Module, file: str | Path, what: str = "model",
     assign=True installs the loaded tensors as the parameters (for a module built on the meta device).
     """
     file = Path(file)
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    tensors = load_file(str(file))
+    tensors = _load_tensors(file)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -166,14 +244,14 @@ def load_weights(module: torch.nn.Module, file: str | Path, what: str = "model",
 
 def load_norm_stats(ckpt: str | Path) -> dict | None:
     path = resolve_checkpoint(ckpt) / NORM_STATS
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _load_json(path) if path.is_file() else None
 
 
 def load_train_state(ckpt: Path, optimizer: torch.optim.Optimizer | None) -> dict:
     state_dir = ckpt / TRAIN_STATE
     if not (state_dir / "state.json").is_file():
         raise CheckpointError(f"{ckpt} has no {TRAIN_STATE}/state.json: it cannot be resumed")
-    state = json.loads((state_dir / "state.json").read_text())
+    state = _load_json(state_dir / "state.json")
     if optimizer is not None and (state_dir / "optimizer.safetensors").is_file():
-        optimizer_from_tensors(optimizer, load_file(str(state_dir / "optimizer.safetensors")), state["optimizer"])
+        optimizer_from_tensors(optimizer, _load_tensors(state_dir / "optimizer.safetensors"), state["optimizer"])
     return state

@@ -1,8 +1,11 @@
 """`fastwam train`: the training loop (single process, or `torchrun` DDP / FSDP2).
 
-Determinism is by construction: the clips and every random draw of step s (noise, noise levels, augmentation) are
-functions of (seed, s) alone, drawn for the GLOBAL batch and sliced per rank. So `--resume` continues exactly, and a
-2-process run sees the same data and noise as a 1-process run with the same global batch.
+`train()` runs four stages: set-up (data, codec statistics, the robot interface, the run directory), resume (the
+checkpoint's weights, optimizer and step, under the run's own settings), the loop (one optimisation step, its logs,
+validation and samples), and saves (every `save_every` steps, at the end, and when Ctrl-C asks to stop). Each step
+draws its clips, noise and augmentation from (seed, step) alone (`training/steps.py`), so a resumed run continues
+bit-exactly. Run-directory rules (no shadowed runs, settings checked on resume, metrics logged once) are in
+`training/runs.py`.
 """
 
 from __future__ import annotations
@@ -10,28 +13,33 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
-import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
 from fastwam import checkpoint as ckpt_io
-from fastwam.config import Config, get_preset
+from fastwam.config import Config
+from fastwam.errors import UserError
 from fastwam.model.codecs import LatentCodec, build_codec
 from fastwam.model.fastwam import FastWAM, TrainingNoise
-from fastwam.model.text import TextEncoder, build_text_encoder
+from fastwam.model.text import build_text_encoder
 from fastwam.model.visibility import get_variant
+from fastwam.presets import PresetArgs, parse_with_preset
+from fastwam.training import monitor, runs
+from fastwam.training.distributed import Dist, any_rank, barrier, init_distributed, mean_across_ranks, wrap_model
+from fastwam.training.steps import StepBatches, lr_scale, prepare_batch, random_shift, step_generator
+
+__all__ = ["train", "TrainResult", "TrainArgs", "cli", "parse_with_preset", "resolve_config", "fit_codec",
+           "StepBatches", "lr_scale"]
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pieces shared with evaluation / policy
+# Set-up: the config that data and codec imply
 
 
 def resolve_config(cfg: Config, dataset, codec: LatentCodec) -> Config:
@@ -72,98 +80,20 @@ def stats_dict(dataset) -> dict:
     return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
 
 
-def lr_scale(step: int, cfg) -> float:
-    """Linear warm-up for warmup_frac of the run, then cosine down to min_lr_frac."""
-    warmup = max(1, int(round(cfg.warmup_frac * cfg.steps)))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+# Train settings that must be positive / non-negative (the rest are typed by the config and checked where used).
+_POSITIVE = ("steps", "batch_size", "grad_accum", "log_every", "save_every")
+_NON_NEGATIVE = ("keep_last", "val_every", "sample_every", "threads", "random_shift")
 
 
-def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63))
-
-
-def random_shift(video: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each clip (all its frames alike) by up to `pad` pixels, replicating the border (DrQ-style)."""
-    if pad <= 0:
-        return video
-    b, c, t, h, w = video.shape
-    padded = torch.nn.functional.pad(video.flatten(1, 2), (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).tolist()
-    out = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
-    return out.unflatten(1, (c, t))
-
-
-def prepare_batch(batch: dict, codec: LatentCodec, text_encoder: TextEncoder, device) -> dict:
-    """A collated clip batch -> the tensors `FastWAM.loss` takes."""
-    video = batch["video"].to(device)
-    with torch.no_grad():
-        latents = codec.encode(video)
-        text = text_encoder(list(batch["task"])).to(device)
-    return {
-        "latents": latents,
-        "latent_mask": codec.latent_frame_mask(batch["video_mask"].to(device)),
-        "actions": batch["actions"].to(device),
-        "action_mask": batch["action_mask"].to(device),
-        "state": batch["state"].to(device),
-        "text": text,
-    }
-
-
-class StepBatches:
-    """Global batch indices of optimisation step s: consecutive slices of per-epoch seeded permutations."""
-
-    def __init__(self, size: int, batch: int, seed: int):
-        if size == 0:
-            raise ValueError("the dataset has no clips")
-        self.size, self.batch, self.seed = size, batch, seed
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g).tolist()
-        return self._perm
-
-    def indices(self, step: int) -> list[int]:
-        out = []
-        for p in range(step * self.batch, (step + 1) * self.batch):
-            out.append(self._permutation(p // self.size)[p % self.size])
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _mean_across_ranks(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= d.world
-    return x
+def check_train_settings(tc) -> None:
+    for name in _POSITIVE + _NON_NEGATIVE:
+        value = getattr(tc, name)
+        low = 1 if name in _POSITIVE else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            flag = "--steps / --config.train.steps" if name == "steps" else f"--config.train.{name.replace('_', '-')}"
+            raise UserError(f"train.{name} must be an integer >= {low}, got {value!r} ({flag})")
+    if not 0 <= tc.ema_decay < 1:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {tc.ema_decay} (--config.train.ema-decay)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,30 +107,75 @@ class TrainResult:
     step: int
     losses: list[dict] = field(default_factory=list)  # one entry per logged step (rank 0)
     timers: dict = field(default_factory=dict)
+    interrupted: bool = False  # stopped early by Ctrl-C (a checkpoint of `step` was saved)
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss became NaN / inf: the last checkpoint is intact; the learning rate or the data needs a look."""
+
+
+@dataclass
+class _Trainer:
+    """Everything the loop needs, built by the set-up and resume stages."""
+
+    cfg: Config
+    d: Dist
+    device: torch.device
+    run_dir: Path
+    dataset: Any
+    val_dataset: Any
+    codec: LatentCodec
+    text_encoder: torch.nn.Module
+    model: FastWAM
+    ema: FastWAM | None
+    optimizer: torch.optim.Optimizer
+    wrapped: torch.nn.Module  # the model, or its DDP / FSDP wrapper
+    norm_stats: dict
+    timers: dict = field(default_factory=lambda: dict.fromkeys(
+        ("data", "compute", "log", "checkpoint", "validation", "samples"), 0.0))
 
 
 def train(
     cfg: Config,
     out: str | Path,
-    resume: bool = False,
+    resume: runs.Resume = False,
     dataset=None,
     val_dataset=None,
     progress: bool = True,
     log_all_steps: bool = False,
     stop_at: int | None = None,
+    accept_changes: bool = False,
 ) -> TrainResult:
     """Train `cfg` into run directory `out`. `dataset` overrides cfg.data.dataset (e.g. a synthetic one).
 
-    stop_at: leave after this step (checkpointed) as if interrupted; `resume=True` continues the same schedule.
+    resume: False = a new run (refused if `out` already holds checkpoints), True = continue from `out`'s latest
+    checkpoint (refused if there is none, or if settings other than the step budget differ, unless accept_changes),
+    "auto" = continue if there is a checkpoint, else start. stop_at: leave after this step (checkpointed) as if
+    interrupted; resuming continues the same schedule. Ctrl-C stops after the current step with a checkpoint.
     """
     d = init_distributed()
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    variant = get_variant(tc.variant)
     run_dir = Path(out)
+    check_train_settings(cfg.train)
+    ckpt = runs.find_resume_checkpoint(run_dir, resume)
+    cfg, dataset, val_dataset = _set_up(cfg, ckpt, dataset, val_dataset, accept_changes, d)
+    t = _build(cfg, d, run_dir, dataset, val_dataset, from_wan=ckpt is None)
+    start = _resume(t, ckpt) if ckpt is not None else 0
+    end = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
+    result = TrainResult(run_dir, ckpt, start)
+    stop = runs.StopRequest()
+    with stop.installed():
+        _loop(t, start, end, result, stop, progress, log_all_steps)
+    result.timers = t.timers
+    return result
 
+
+def _set_up(cfg: Config, ckpt: Path | None, dataset, val_dataset, accept_changes: bool, d: Dist):
+    """The datasets and the run's config: codec statistics, robot interface, and on resume the run's own settings."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    saved = ckpt_io.load_config(ckpt) if ckpt is not None else None
+    if saved is not None:
+        cfg = runs.resume_codec(cfg, saved)
     if dataset is None:
         from fastwam.data.clips import ClipDataset
 
@@ -208,31 +183,30 @@ def train(
         if val_dataset is None and cfg.data.val_episodes > 0:
             val_dataset = ClipDataset(cfg.data, split="val", stats=dataset.stats)
     cfg = fit_codec(cfg, dataset)
+    cfg = resolve_config(cfg, dataset, build_codec(cfg.codec))
+    if saved is not None:
+        cfg, changes = runs.settings_for_resume(cfg, saved, ckpt, accept_changes)
+        if changes and d.main:
+            print(f"resume: taking from this command: {'; '.join(changes)}", file=sys.stderr)
+        at = int(ckpt_io.load_train_state(ckpt, None)["step"])
+        if at > cfg.train.steps:
+            raise UserError(f"--steps {cfg.train.steps} is below the step the run is at ({at}, {ckpt}); give a "
+                            "larger total")
+    tc = cfg.train
+    if tc.batch_size % (d.world * tc.grad_accum):
+        raise UserError(f"train.batch_size {tc.batch_size} must be divisible by world size x grad_accum "
+                        f"({d.world} x {tc.grad_accum})")
+    return cfg, dataset, val_dataset
+
+
+def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: bool) -> _Trainer:
+    """Codec, text encoder, model (+ EMA), optimizer on this rank's device; the run directory's config.json."""
+    tc = cfg.train
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     codec = build_codec(cfg.codec).to(device).eval()
-    cfg = resolve_config(cfg, dataset, codec)
     text_encoder = build_text_encoder(cfg.text, cfg.model.text_dim).to(device).eval()
-
-    start_step = 0
-    resume_from = None
-    if resume:
-        try:
-            resume_from = ckpt_io.resolve_checkpoint(run_dir)
-        except ckpt_io.CheckpointError:
-            resume_from = None  # nothing to resume yet: start fresh
-        if resume_from is not None:
-            saved = ckpt_io.load_config(resume_from)
-            if saved.model != cfg.model:
-                raise ckpt_io.CheckpointError(
-                    f"cannot resume {resume_from}: its model config differs from this run's "
-                    f"({_diff(saved.model, cfg.model)})"
-                )
-            # Keep the saved config (its codec statistics included); only the step budget may change on resume.
-            cfg = saved.replace(train=dataclasses.replace(saved.train, steps=tc.steps))
-            tc = cfg.train
-            codec = build_codec(cfg.codec).to(device).eval()
-
     torch.manual_seed(tc.seed)
-    if tc.init_from_wan and resume_from is None:
+    if tc.init_from_wan and from_wan:
         from fastwam.model.weights import build_fastwam_from_wan
 
         # Built on the meta device and filled in place: no second full copy of the 5B weights in memory.
@@ -242,139 +216,167 @@ def train(
     model.grad_checkpointing = tc.grad_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_decay > 0 else None
-    if resume_from is not None:
-        ckpt_io.load_weights(model, resume_from / ckpt_io.WEIGHTS)
-        if ema is not None and (resume_from / ckpt_io.EMA).is_file():
-            ckpt_io.load_weights(ema, resume_from / ckpt_io.EMA, "EMA model")
-        start_step = ckpt_io.load_train_state(resume_from, optimizer)["step"]
-
-    wrapped = _wrap(model, tc, d, device)
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-
-    if tc.batch_size % (d.world * tc.grad_accum):
-        raise ValueError(f"batch_size {tc.batch_size} must be divisible by world size x grad_accum "
-                         f"({d.world} x {tc.grad_accum})")
-    micro = tc.batch_size // (d.world * tc.grad_accum)
-    batches = StepBatches(len(dataset), tc.batch_size, tc.seed)
-    collate = getattr(dataset, "collate", None)
-    norm_stats = stats_dict(dataset)
-
-    writer = None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
-        writer = _summary_writer(run_dir, tc)
-    timers = {"data": 0.0, "compute": 0.0, "log": 0.0, "checkpoint": 0.0, "validation": 0.0, "samples": 0.0}
-    result = TrainResult(run_dir, None, start_step)
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and d.main), dynamic_ncols=True,
-               desc=f"train {tc.variant}", unit="step")
-    window_t0, window_steps = time.perf_counter(), 0
-    step = start_step
-    model.train()
-    end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    for step in range(start_step, end):
-        lr = tc.lr * lr_scale(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        gen = step_generator(tc.seed, step)
-        indices = batches.indices(step)
+    return _Trainer(cfg, d, device, run_dir, dataset, val_dataset, codec, text_encoder, model, ema, optimizer,
+                    wrap_model(model, tc.fsdp, d, device), stats_dict(dataset))
 
-        t0 = time.perf_counter()
-        items = [dataset[i] for i in indices[d.rank * micro * tc.grad_accum:(d.rank + 1) * micro * tc.grad_accum]]
-        global_batch = collate(items) if collate else items
-        timers["data"] += time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        video_shape = None
-        optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(3, device=device)
-        for a in range(tc.grad_accum):
-            sl = slice(a * micro, (a + 1) * micro)
-            mb = {k: (v[sl] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in global_batch.items()}
-            mb["video"] = random_shift(mb["video"], tc.random_shift, step_generator(tc.seed, step, 1 + a))
-            inputs = prepare_batch(mb, codec, text_encoder, device)
-            if video_shape is None:
-                # One draw for the whole global batch; this rank's micro-batch takes its slice.
-                video_shape = (tc.batch_size, *inputs["latents"].shape[1:])
-                noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *inputs["actions"].shape[1:]), gen)
-            start = (d.rank * tc.grad_accum + a) * micro
-            sync = contextlib.nullcontext() if (a == tc.grad_accum - 1 or d.world == 1) else wrapped.no_sync()
-            with sync, autocast():
-                out = wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), device))
-                (out.total / tc.grad_accum).backward()
-            totals += torch.stack([out.total.detach(), out.video, out.action]).float() / tc.grad_accum
-        if not torch.isfinite(totals).all():
-            raise FloatingPointError(
-                f"non-finite loss at step {step} (total/video/action = {totals.tolist()}); the last checkpoint in "
-                f"{run_dir / 'checkpoints'} is intact — lower the learning rate or check the data, then --resume"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - tc.ema_decay)
-        totals = _mean_across_ranks(totals, d)
-        timers["compute"] += time.perf_counter() - t0
-        window_steps += 1
+def _resume(t: _Trainer, ckpt: Path) -> int:
+    """Load the checkpoint's weights, EMA and optimizer into the built trainer; returns its step."""
+    ckpt_io.load_weights(t.model, ckpt / ckpt_io.WEIGHTS)
+    if t.ema is not None and (ckpt / ckpt_io.EMA).is_file():
+        ckpt_io.load_weights(t.ema, ckpt / ckpt_io.EMA, "EMA model")
+    step = int(ckpt_io.load_train_state(ckpt, t.optimizer)["step"])
+    if t.d.main:
+        print(f"resuming from step {step}: {ckpt}", file=sys.stderr)
+    return step
 
-        t0 = time.perf_counter()
-        done = step + 1
-        if d.main and (done % tc.log_every == 0 or done == tc.steps or log_all_steps):
-            now = time.perf_counter()
-            its = window_steps / max(now - window_t0, 1e-9)
-            window_t0, window_steps = now, 0
-            entry = {"step": done, "loss": totals[0].item(), "video": totals[1].item(), "action": totals[2].item(),
-                     "lr": lr, "grad_norm": float(grad_norm), "it_s": its}
-            result.losses.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", video=f"{entry['video']:.4f}",
-                            action=f"{entry['action']:.4f}", lr=f"{lr:.1e}")
-            if writer is not None:
-                for k in ("loss", "video", "action"):
-                    writer.add_scalar(f"train/{k}", entry[k], done)
-                writer.add_scalar("train/lr", lr, done)
-                writer.add_scalar("train/grad_norm", entry["grad_norm"], done)
-                writer.add_scalar("perf/it_per_s", its, done)
-                writer.add_scalar("perf/samples_per_s", its * tc.batch_size, done)
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-        bar.update(1)
-        timers["log"] += time.perf_counter() - t0
 
-        if d.main and val_dataset is not None and tc.val_every and done % tc.val_every == 0:
-            t0 = time.perf_counter()
-            val = validation_loss(model, val_dataset, codec, text_encoder, variant, device, tc.seed)
-            if writer is not None:
-                for k, v in val.items():
-                    writer.add_scalar(f"val/{k}", v, done)
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": done, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
-            timers["validation"] += time.perf_counter() - t0
+def _loop(t: _Trainer, start: int, end: int, result: TrainResult, stop: runs.StopRequest, progress: bool,
+          log_all_steps: bool) -> None:
+    """Steps start..end-1 with their logs, validation, samples and checkpoints; stops early on Ctrl-C (saved)."""
+    tc = t.cfg.train
+    log = _Log(t, start, progress and t.d.main)
+    batches = StepBatches(len(t.dataset), tc.batch_size, tc.seed)
+    t.model.train()
+    try:
+        for step in range(start, end):
+            totals, lr, grad_norm = _step(t, step, batches)
+            done = step + 1
+            clock = time.perf_counter()
+            if t.d.main and (done % tc.log_every == 0 or done == tc.steps or log_all_steps):
+                result.losses.append(log.train_step(done, totals, lr, grad_norm))
+            log.bar.update(1)
+            t.timers["log"] += time.perf_counter() - clock
+            _validate_and_sample(t, done, log)
+            stopping = any_rank(stop.requested, t.d, t.device)
+            if done % tc.save_every == 0 or done == end or stopping:
+                result.checkpoint = _save(t, done)
+            result.step = done
+            if stopping:
+                result.interrupted = True
+                break
+    finally:
+        log.close()
 
-        if d.main and tc.sample_every and done % tc.sample_every == 0:
-            t0 = time.perf_counter()
-            write_samples(model, val_dataset or dataset, codec, text_encoder, cfg, run_dir / "samples", done, writer)
-            timers["samples"] += time.perf_counter() - t0
 
-        if done % tc.save_every == 0 or done == end:
-            t0 = time.perf_counter()
-            if d.main:
-                result.checkpoint = ckpt_io.save_checkpoint(
-                    run_dir, done, cfg, model, norm_stats, optimizer, {"seed": tc.seed}, ema, tc.keep_last
-                )
-            if d.world > 1:
-                dist.barrier()
-            timers["checkpoint"] += time.perf_counter() - t0
-    bar.close()
-    if writer is not None:
-        writer.close()
-    result.step = max(end, start_step)
-    result.timers = timers
-    if result.checkpoint is None and d.main:
-        with contextlib.suppress(ckpt_io.CheckpointError):
-            result.checkpoint = ckpt_io.resolve_checkpoint(run_dir)
-    return result
+def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, float, float]:
+    """One optimisation step (all micro-batches): returns the mean (total, video, action) loss, lr, grad norm."""
+    tc, d, variant = t.cfg.train, t.d, get_variant(t.cfg.train.variant)
+    micro = tc.batch_size // (d.world * tc.grad_accum)
+    lr = tc.lr * lr_scale(step, tc)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    gen = step_generator(tc.seed, step)
+
+    clock = time.perf_counter()
+    indices = batches.indices(step)[d.rank * micro * tc.grad_accum:(d.rank + 1) * micro * tc.grad_accum]
+    items = [t.dataset[i] for i in indices]
+    collate = getattr(t.dataset, "collate", None)
+    global_batch = collate(items) if collate else items
+    t.timers["data"] += time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and t.device.type == "cuda")
+    noise = None
+    t.optimizer.zero_grad(set_to_none=True)
+    totals = torch.zeros(3, device=t.device)
+    for a in range(tc.grad_accum):
+        sl = slice(a * micro, (a + 1) * micro)
+        mb = {k: (v[sl] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in global_batch.items()}
+        mb["video"] = random_shift(mb["video"], tc.random_shift, step_generator(tc.seed, step, 1 + a))
+        inputs = prepare_batch(mb, t.codec, t.text_encoder, t.device)
+        if noise is None:
+            # One draw for the whole global batch; this rank's micro-batch takes its slice.
+            video_shape = (tc.batch_size, *inputs["latents"].shape[1:])
+            noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *inputs["actions"].shape[1:]), gen)
+        start = (d.rank * tc.grad_accum + a) * micro
+        sync = contextlib.nullcontext() if (a == tc.grad_accum - 1 or d.world == 1) else t.wrapped.no_sync()
+        autocast = torch.autocast(t.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with sync, autocast:
+            out = t.wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), t.device))
+            (out.total / tc.grad_accum).backward()
+        totals += torch.stack([out.total.detach(), out.video, out.action]).float() / tc.grad_accum
+    if not torch.isfinite(totals).all():
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} (total/video/action = {totals.tolist()}); the last checkpoint in "
+            f"{t.run_dir / 'checkpoints'} is intact — lower the learning rate or check the data, then --resume"
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), tc.grad_clip)
+    t.optimizer.step()
+    if t.ema is not None:
+        with torch.no_grad():
+            for pe, pm in zip(t.ema.parameters(), t.model.parameters()):
+                pe.lerp_(pm.detach(), 1 - tc.ema_decay)
+    totals = mean_across_ranks(totals, d)
+    t.timers["compute"] += time.perf_counter() - clock
+    return totals, lr, float(grad_norm)
+
+
+def _validate_and_sample(t: _Trainer, done: int, log: _Log) -> None:
+    tc = t.cfg.train
+    if t.d.main and t.val_dataset is not None and tc.val_every and done % tc.val_every == 0:
+        clock = time.perf_counter()
+        val = monitor.validation_loss(t.model, t.val_dataset, t.codec, t.text_encoder, get_variant(tc.variant),
+                                      t.device, tc.seed)
+        log.validation(done, val)
+        t.timers["validation"] += time.perf_counter() - clock
+    if t.d.main and tc.sample_every and done % tc.sample_every == 0:
+        clock = time.perf_counter()
+        monitor.write_samples(t.model, t.val_dataset or t.dataset, t.codec, t.text_encoder, t.cfg,
+                              t.run_dir / "samples", done, log.writer)
+        t.timers["samples"] += time.perf_counter() - clock
+
+
+def _save(t: _Trainer, done: int) -> Path | None:
+    """Checkpoint step `done` (rank 0 writes; every rank waits for it)."""
+    clock = time.perf_counter()
+    path = None
+    if t.d.main:
+        tc = t.cfg.train
+        path = ckpt_io.save_checkpoint(t.run_dir, done, t.cfg, t.model, t.norm_stats, t.optimizer, {"seed": tc.seed},
+                                       t.ema, tc.keep_last)
+    barrier(t.d)
+    t.timers["checkpoint"] += time.perf_counter() - clock
+    return path
+
+
+class _Log:
+    """Progress bar, metrics.jsonl and TensorBoard of one attempt (rank 0; inert on the other ranks)."""
+
+    def __init__(self, t: _Trainer, start: int, show_bar: bool):
+        tc = t.cfg.train
+        self.batch_size = tc.batch_size
+        self.metrics = runs.MetricsLog(t.run_dir / "metrics.jsonl", start) if t.d.main else None
+        self.writer = monitor.summary_writer(t.run_dir, tc.wandb, purge_step=start + 1) if t.d.main else None
+        self.bar = tqdm(total=tc.steps, initial=start, disable=not show_bar, dynamic_ncols=True,
+                        desc=f"train {tc.variant}", unit="step")
+        self.window_start, self.window_first = time.perf_counter(), start  # it/s over the steps since the last log
+
+    def train_step(self, done: int, totals: torch.Tensor, lr: float, grad_norm: float) -> dict:
+        now = time.perf_counter()
+        its = (done - self.window_first) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_first = now, done
+        entry = {"step": done, "loss": totals[0].item(), "video": totals[1].item(), "action": totals[2].item(),
+                 "lr": lr, "grad_norm": grad_norm, "it_s": its}
+        self.bar.set_postfix(loss=f"{entry['loss']:.4f}", video=f"{entry['video']:.4f}",
+                             action=f"{entry['action']:.4f}", lr=f"{lr:.1e}")
+        monitor.write_scalars(self.writer, entry, self.batch_size)
+        self.metrics.append(entry)
+        return entry
+
+    def validation(self, done: int, val: dict) -> None:
+        if self.writer is not None:
+            for k, v in val.items():
+                self.writer.add_scalar(f"val/{k}", v, done)
+        self.metrics.append({"step": done, **{f"val_{k}": v for k, v in val.items()}})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _to(noise: TrainingNoise, device) -> TrainingNoise:
@@ -382,127 +384,31 @@ def _to(noise: TrainingNoise, device) -> TrainingNoise:
     return TrainingNoise(*values)
 
 
-def _wrap(model: FastWAM, tc, d: Dist, device):
-    if d.world == 1:
-        return model
-    if tc.fsdp:
-        # FSDP2: shard each block of both experts, then the root (parameters become DTensors).
-        from torch.distributed.fsdp import fully_shard
-
-        for block in list(model.video.blocks) + list(model.action.blocks):
-            fully_shard(block)
-        return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _summary_writer(run_dir: Path, tc):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a declared dependency, but a bare environment should still train
-        return None
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    if tc.wandb:
-        import wandb  # optional; not a dependency
-
-        wandb.init(project="fastwam", dir=str(run_dir), sync_tensorboard=True)
-    return writer
-
-
-@torch.no_grad()
-def validation_loss(model, dataset, codec, text_encoder, variant, device, seed: int, max_clips: int = 64) -> dict:
-    """Loss over a fixed subset of held-out clips with fixed noise (comparable across steps)."""
-    was_training = model.training
-    model.eval()
-    n = min(len(dataset), max_clips)
-    collate = getattr(dataset, "collate")
-    sums, count = torch.zeros(3), 0
-    for start in range(0, n, 16):
-        batch = collate([dataset[i] for i in range(start, min(n, start + 16))])
-        inputs = prepare_batch(batch, codec, text_encoder, device)
-        out = model.loss(**inputs, variant=variant, generator=step_generator(seed, start, 99))
-        b = inputs["actions"].shape[0]
-        sums += torch.stack([out.total.detach(), out.video, out.action]).float().cpu() * b
-        count += b
-    model.train(was_training)
-    sums /= max(count, 1)
-    return {"loss": sums[0].item(), "video": sums[1].item(), "action": sums[2].item()}
-
-
-@torch.no_grad()
-def write_samples(model, dataset, codec, text_encoder, cfg: Config, out_dir: Path, step: int, writer=None) -> Path:
-    """Imagined future vs the real clip for one example, as a PNG strip (top: real, bottom: imagined)."""
-    import imageio.v3 as iio
-
-    model.eval()
-    item = dataset[0]
-    batch = dataset.collate([item]) if hasattr(dataset, "collate") else item
-    device = next(model.parameters()).device
-    inputs = prepare_batch(batch, codec, text_encoder, device)
-    video_ctx, _ = model.contexts(inputs["text"], inputs["state"])
-    first = inputs["latents"][:, :, :1]
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    noise = torch.randn(1, first.shape[1], cfg.model.latent_frames - 1, *first.shape[3:], generator=g).to(first)
-    from fastwam.model import flow
-    from fastwam.model.visibility import MODE_RULES
-
-    mode = get_variant(cfg.train.variant).inference
-    latents = model.imagine(first, noise, video_ctx, flow.euler_sigmas(cfg.inference.steps), MODE_RULES[mode])
-    imagined = codec.decode(latents)[0]  # [3, F, H, W]
-    real = codec.decode(inputs["latents"])[0]
-    to_row = lambda v: torch.cat(list(v.unbind(1)), dim=2)  # noqa: E731  [3, H, F*W]
-    grid = torch.cat([to_row(real), to_row(imagined)], dim=1)
-    img = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"step_{step:07d}.png"
-    iio.imwrite(path, img)
-    if writer is not None:
-        writer.add_image("samples/real_vs_imagined", img, step, dataformats="HWC")
-    model.train()
-    return path
-
-
-def _diff(a, b) -> str:
-    return ", ".join(f"{f.name}: {getattr(a, f.name)} != {getattr(b, f.name)}"
-                     for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(PresetArgs):
     """Train a Fast-WAM policy. Every config field is an override: `--config.train.lr 3e-4`."""
 
     config: Config
     dataset: str = ""  # LeRobot dataset directory (overrides --config.data.dataset)
-    out: str = "runs/train"  # run directory (checkpoints, tensorboard, metrics.jsonl)
+    # Run directory (checkpoints, tensorboard, metrics.jsonl). A new run refuses one that holds checkpoints.
+    out: str = "runs/train"
     variant: str = ""  # fast | joint | idm | no_cotrain (overrides --config.train.variant)
-    steps: int = 0  # total optimisation steps (overrides --config.train.steps; with --resume, the new total)
-    resume: bool = False  # continue the run in --out from its latest checkpoint
+    # Total optimisation steps, > 0 (overrides --config.train.steps; default: the preset's); with --resume, the new
+    # total.
+    steps: Annotated[int | None, tyro.conf.arg(metavar="N")] = None
+    resume: bool = False  # continue the run in --out from its latest checkpoint (an error if it has none)
+    # Resume when --out holds a checkpoint, else start a new run there (for scripts that rerun one command, such as
+    # fastwam ablate).
+    auto_resume: bool = False
+    # With --resume: continue under this command's settings where they differ from the run's (otherwise refused, with
+    # the differing fields listed). The model and codec can never change.
+    accept_changes: bool = False
     synthetic: bool = False  # train on the built-in synthetic dataset (smoke test; no data needed)
-    progress: bool = True
-
-
-def parse_with_preset(argv: list[str], args_cls, prog: str, default_preset: str = "small_cpu"):
-    """`--preset NAME` picks the defaults of `config`; tyro then parses every other option against them."""
-    argv = list(argv)
-    preset = default_preset
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-            del argv[i : i + 2]
-            break
-        if a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-            del argv[i]
-            break
-    base = get_preset(preset)
-    default = args_cls(config=base)
-    return tyro.cli(args_cls, args=argv, default=default, prog=prog,
-                    description=f"{args_cls.__doc__} (preset: {preset}; choose with --preset)")
+    progress: bool = True  # show a progress bar
 
 
 def cli(argv: list[str], prog: str = "fastwam train") -> int:
@@ -513,19 +419,28 @@ def cli(argv: list[str], prog: str = "fastwam train") -> int:
     if args.variant:
         get_variant(args.variant)
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, variant=args.variant))
-    if args.steps:
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be a positive number of optimisation steps, got {args.steps}")
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, steps=args.steps))
+    if args.resume and args.auto_resume:
+        raise UserError("give --resume or --auto-resume, not both")
     dataset = None
     if args.synthetic:
         from fastwam.data.synthetic import SyntheticClips
 
         dataset = SyntheticClips(cfg.data, num_clips=128)
     elif not cfg.data.dataset:
-        print("fastwam train: give --dataset DIR (a LeRobot v3.0 dataset) or --synthetic", file=sys.stderr)
-        return 2
-    result = train(cfg, args.out, resume=args.resume, dataset=dataset, progress=args.progress)
+        raise UserError("give --dataset DIR (a LeRobot v3.0 dataset) or --synthetic")
+    resume = "auto" if args.auto_resume else args.resume
+    result = train(cfg, args.out, resume=resume, dataset=dataset, progress=args.progress,
+                   accept_changes=args.accept_changes)
     if result.losses:
         last = result.losses[-1]
         print(f"step {result.step}: loss {last['loss']:.4f} (video {last['video']:.4f}, action {last['action']:.4f})")
     print(f"checkpoint: {result.checkpoint}")
+    if result.interrupted:
+        print(f"{prog}: interrupted at step {result.step}; saved {result.checkpoint} — continue with the same "
+              "command plus --resume", file=sys.stderr)
+        return 130
     return 0

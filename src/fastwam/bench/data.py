@@ -17,13 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastwam.presets import PresetName
+
 
 @dataclass(frozen=True)
 class BenchDataArgs:
     """Training data loader throughput (JSON with --json)."""
 
     dataset: str  # a LeRobot dataset directory
-    preset: str = "small_cpu"  # clip shapes (frames, stride, horizon, image size) come from this preset's data config
+    # Config preset: clip shapes (frames, stride, horizon, image size) come from its data config.
+    preset: PresetName = "small_cpu"
     batch_size: int = 32
     batches: int = 50  # timed batches per path
     warmup: int = 3

@@ -25,11 +25,12 @@ from fastwam.config import Config, get_preset
 from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM
 from fastwam.policy import resolve_dtype
+from fastwam.presets import PresetName
 
 
 @dataclass
 class LatencyArgs:
-    preset: str = "small_cpu"
+    preset: PresetName = "small_cpu"  # config preset to time (ignored with --config-file)
     config_file: str = ""  # time this config instead of the preset: a run's config.json, or an ablation.json
     modes: str = "fast,joint,idm"
     steps: int = 10

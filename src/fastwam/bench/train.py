@@ -18,11 +18,12 @@ import tyro
 
 from fastwam.bench.latency import machine_info
 from fastwam.config import get_preset
+from fastwam.presets import PresetName
 
 
 @dataclass
 class TrainBenchArgs:
-    preset: str = "small_cpu"
+    preset: PresetName = "small_cpu"  # config preset to train
     dataset: str = ""  # a LeRobot dataset; empty = synthetic clips of the preset's shapes
     variant: str = "fast"
     steps: int = 60
