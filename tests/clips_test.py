@@ -215,3 +215,21 @@ def test_not_a_dataset(tmp_path):
     (tmp_path / "meta/info.json").write_text(json.dumps({"codebase_version": "v3.0", "fps": 10}))
     with pytest.raises(DatasetError, match="missing field 'features'"):
         ClipDataset(_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("fps", "eighty", r"'fps' must be a positive whole number.*'eighty'"),
+    ("fps", 0, r"'fps' must be a positive whole number.*0"),
+    ("features", ["action"], r"'features' must be an object"),
+    ("total_frames", "many", r"'total_frames' must be a non-negative integer"),
+])
+def test_bad_info_field_is_named(copy_fixture, field, value, says):
+    edit_info(copy_fixture, lambda info: info.__setitem__(field, value))
+    with pytest.raises(DatasetError, match=r"info\.json: .*" + says):
+        ClipDataset(_cfg(copy_fixture))
+
+
+def test_bad_feature_shape_is_named(copy_fixture):
+    edit_info(copy_fixture, lambda info: info["features"]["observation.images.top"].__setitem__("shape", "8x8"))
+    with pytest.raises(DatasetError, match=r"info\.json: feature 'observation\.images\.top': 'shape' must be a list"):
+        ClipDataset(_cfg(copy_fixture))

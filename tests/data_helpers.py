@@ -27,7 +27,7 @@ fixture = _load_fixture_module()
 def write_synthetic(root: Path, lengths=(12, 9, 7), cameras: dict[str, tuple[int, int]] | None = None,
                     tasks=("push the puck to the goal", "open the drawer"), fps: int = 10) -> Path:
     """A dataset with our writer, same content rules as the LeRobot fixture (episode e uses tasks[e % len])."""
-    from fastwam.data.lerobot import LeRobotWriter
+    from fastwam.data.lerobot_writer import LeRobotWriter
 
     cameras = cameras or fixture.CAMERAS
     feats = {k: {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"]}

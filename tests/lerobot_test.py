@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from data_helpers import LEROBOT_FIXTURE, band_row, fixture, write_synthetic
 
-from fastwam.data.lerobot import DatasetError, LeRobotReader, LeRobotWriter, _VideoFile, iter_files
+from fastwam.data.lerobot import DatasetError, LeRobotReader
+from fastwam.data.lerobot_writer import LeRobotWriter, _VideoFile, iter_files
 
 
 def test_fixture_metadata_and_tasks():

@@ -147,7 +147,7 @@ def generate(args: GenArgs) -> dict[str, Any]:
     """Run the experts, write the dataset, return the summary (also saved as fastwam_generation.json)."""
     from tqdm.auto import tqdm
 
-    from fastwam.data.lerobot import LeRobotWriter, dataset_size_bytes
+    from fastwam.data.lerobot_writer import LeRobotWriter, dataset_size_bytes
 
     if args.episodes < 1 or args.shard_size < 1 or args.image_size < 8:
         raise ValueError("episodes and shard_size must be >= 1, image_size >= 8")
