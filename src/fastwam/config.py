@@ -21,31 +21,31 @@ class ModelConfig:
     """Dimensions of the two experts. Video expert names and defaults follow Wan2.2-TI2V-5B / diffusers."""
 
     # Video expert (a Wan DiT). Its attention width is num_heads * head_dim (= its hidden size, as in Wan).
-    latent_channels: int = 48
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    video_ffn_dim: int = 14336
+    latent_channels: int = 48  # channels of a latent frame (training sets it from the codec)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # latent (frames, height, width) per video token
+    video_ffn_dim: int = 14336  # feed-forward width of the video expert
     # Hidden size of the video expert; 0 = its attention width num_heads * head_dim, as in Wan. Another value grows
     # or shrinks the video expert while the shared attention width, and with it the action expert, stays as it is
     # (the capacity study's knob; Wan checkpoints need 0).
     video_hidden_dim: int = 0
     # Shared by both experts: mixture-of-transformers needs equal heads, head dim and layer count.
-    num_heads: int = 24
-    head_dim: int = 128
-    num_layers: int = 30
+    num_heads: int = 24  # attention heads (both experts)
+    head_dim: int = 128  # width of one attention head (both experts)
+    num_layers: int = 30  # transformer blocks (both experts)
     # Action expert: own hidden size; its attention width is still num_heads * head_dim.
-    action_hidden_dim: int = 1024
-    action_ffn_dim: int = 4096
+    action_hidden_dim: int = 1024  # hidden size of the action expert
+    action_ffn_dim: int = 4096  # feed-forward width of the action expert
     # Conditioning.
-    freq_dim: int = 256
-    text_dim: int = 4096
-    cross_attn_norm: bool = True
-    eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_max_seq_len: int = 1024
+    freq_dim: int = 256  # sinusoidal embedding size of the noise level
+    text_dim: int = 4096  # width of the text encoder's output
+    cross_attn_norm: bool = True  # LayerNorm before the cross-attention to the text (as in Wan)
+    eps: float = 1e-6  # epsilon of the normalisation layers
+    rope_theta: float = 10000.0  # base of the rotary position embedding
+    rope_max_seq_len: int = 1024  # Wan config field, kept for its checkpoints (RoPE is built per shape)
     # Robot interface (filled from the dataset's metadata at training time).
-    action_dim: int = 7
-    state_dim: int = 8
-    action_horizon: int = 32
+    action_dim: int = 7  # size of one action vector
+    state_dim: int = 8  # size of the proprioceptive state vector
+    action_horizon: int = 32  # actions per predicted chunk
     # Latent frames per clip, the first being the clean observation (9 video frames / 4x VAE -> 3).
     latent_frames: int = 3
 
@@ -70,8 +70,8 @@ class CodecConfig:
     """
 
     kind: Literal["pixel", "dct", "wan_vae"] = "pixel"
-    space_factor: int = 8
-    path: str = ""
+    space_factor: int = 8  # pixel / dct: block size in pixels (a latent pixel per block)
+    path: str = ""  # wan_vae: local directory of the VAE weights
     # dct: keep the frequencies (u, v) with u + v < dct_diagonals in every colour channel (4 -> 10 per channel).
     dct_diagonals: int = 4
     # dct: per-channel latent statistics; empty = fitted on the training data when training starts (then stored here).
@@ -102,10 +102,11 @@ class TextConfig:
     """
 
     kind: Literal["hash", "umt5"] = "hash"
-    max_len: int = 16
-    vocab_size: int = 4096
-    seed: int = 0
-    path: str = ""
+    max_len: int = 16  # tokens per instruction (padded with zeros or cut)
+    vocab_size: int = 4096  # hash: rows of the embedding table
+    seed: int = 0  # hash: seed that generates the embedding table
+    path: str = ""  # umt5: local directory of the encoder and its tokenizer
+    # umt5: the prompt around each instruction ({task} is replaced by it), as Wan was trained.
     template: str = "A video recorded from a robot's point of view executing the following instruction: {task}"
 
 
@@ -117,21 +118,21 @@ class TextConfig:
 class DataConfig:
     """How clips are cut from a LeRobot dataset. Action/state dims, fps and camera sizes come from the dataset."""
 
-    dataset: str = ""
+    dataset: str = ""  # LeRobot dataset directory (v3.0, or v2.1)
     # Cameras to use, in layout order; empty = every `observation.images.*` feature of the dataset, sorted.
     cameras: tuple[str, ...] = ()
-    state_key: str = "observation.state"
-    action_key: str = "action"
+    state_key: str = "observation.state"  # the dataset feature holding the robot state
+    action_key: str = "action"  # the dataset feature holding the actions
     # Per-camera output size (H, W) after resize-shortest-side + centre-crop.
     image_size: tuple[int, int] = (64, 64)
     # `side_by_side` for 1-2 cameras; `robotwin`: first camera on top, the other two side by side below it at half size.
     layout: Literal["side_by_side", "robotwin"] = "side_by_side"
     num_frames: int = 3  # video frames per clip, frame 0 = the observation
     frame_stride: int = 8  # env steps between video frames
-    action_horizon: int = 16
-    normalizer: Literal["min_max", "q01_q99", "z_score"] = "min_max"
-    cache_in_memory: bool = True
-    num_workers: int = 0
+    action_horizon: int = 16  # actions per clip: the chunk the model predicts
+    normalizer: Literal["min_max", "q01_q99", "z_score"] = "min_max"  # how actions and state are scaled
+    cache_in_memory: bool = True  # decode every frame once up front (if under half the free memory)
+    num_workers: int = 0  # DataLoader worker processes
     val_episodes: int = 0  # episodes held out (the last ones) for validation loss
 
 
@@ -141,44 +142,44 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    variant: Literal["fast", "joint", "idm", "no_cotrain"] = "fast"
-    steps: int = 2000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.05
-    min_lr_frac: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
+    variant: Literal["fast", "joint", "idm", "no_cotrain"] = "fast"  # the attention variant to train
+    steps: int = 2000  # total optimisation steps (> 0)
+    batch_size: int = 16  # global batch: all ranks and grad_accum micro-batches together
+    grad_accum: int = 1  # micro-batches per optimisation step
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_frac: float = 0.05  # share of the steps with a linear warm-up
+    min_lr_frac: float = 0.01  # the cosine decay ends at lr * min_lr_frac
+    grad_clip: float = 1.0  # clip the gradient norm to this
+    seed: int = 0  # seed of the initialisation, data order, noise and augmentation
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     # Initialise from Wan2.2 weights (a local diffusers or original-layout directory): the video expert loads them,
     # the action expert is interpolated from them (docs/reference.md, "Action-expert initialisation"). Empty = random.
     init_from_wan: str = ""
     fsdp: bool = False  # multi-GPU: shard with FSDP2 (fully_shard) instead of DDP (the 5B preset)
     random_shift: int = 0  # augmentation: random translation of the clip's frames by up to N pixels
     ema_decay: float = 0.0  # 0 = no EMA (the official code has none)
-    log_every: int = 10
-    save_every: int = 500
-    keep_last: int = 2
-    val_every: int = 0
-    sample_every: int = 0  # write imagined-future videos every K steps (0 = never)
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries
+    save_every: int = 500  # steps between checkpoints (one is also saved at the end)
+    keep_last: int = 2  # checkpoints kept, the one just written included (0 = all)
+    val_every: int = 0  # steps between validation losses (needs data.val_episodes > 0; 0 = never)
+    sample_every: int = 0  # write a PNG of the imagined vs the real future every K steps (0 = never)
     threads: int = 0  # torch CPU threads (0 = torch default)
-    wandb: bool = False
+    wandb: bool = False  # also sync TensorBoard to Weights & Biases (wandb not included)
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    mode: Literal["fast", "joint", "idm"] = "fast"
-    steps: int = 10
-    shift: float = 5.0
+    mode: Literal["fast", "joint", "idm"] = "fast"  # how a policy samples actions (see model/fastwam.py)
+    steps: int = 10  # Euler denoising steps
+    shift: float = 5.0  # shift of the flow-matching noise schedule
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "custom"
+    name: str = "custom"  # the preset this config started from (choose with --preset; a label, not a switch)
     model: ModelConfig = field(default_factory=ModelConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -14,13 +14,16 @@ import tyro
 
 @dataclass
 class DemoArgs:
-    out: str = "runs/demo"
-    tasks: str = "button-press-topdown-v3,drawer-open-v3,window-open-v3"
-    episodes_per_task: int = 30
-    train_steps: int = 1500
-    variants: str = "fast,no_cotrain"
-    eval_episodes: int = 10
-    eval_seeds: str = "0"
+    """The CPU Meta-World demo: scripted demos -> train Fast-WAM and its no-video-co-training twin -> closed-loop
+    evaluation -> report.md (a small `fastwam ablate` on the small_cpu preset; rerunning continues where it stopped)."""
+
+    out: str = "runs/demo"  # output directory: data/, runs/, eval/ (with rollout videos) and report.md
+    tasks: str = "button-press-topdown-v3,drawer-open-v3,window-open-v3"  # comma-separated Meta-World tasks
+    episodes_per_task: int = 30  # scripted demonstrations per task
+    train_steps: int = 1500  # optimisation steps per variant
+    variants: str = "fast,no_cotrain"  # variants to train and compare (fast, joint, idm, no_cotrain)
+    eval_episodes: int = 10  # evaluation episodes per task and evaluation seed
+    eval_seeds: str = "0"  # evaluation environment seeds, comma-separated
 
 
 def cli(argv: list[str], prog: str = "fastwam demo") -> int:

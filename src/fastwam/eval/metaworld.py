@@ -859,7 +859,7 @@ class EvalArgs:
     # Overlap policy and simulators (two env blocks in turn): same results, faster only when the policy does not
     # need the workers' CPU cores. auto = on for a GPU policy, off for a CPU one.
     pipeline: Literal["auto", "on", "off"] = "auto"
-    progress: bool = True
+    progress: bool = True  # show a progress bar
 
 
 def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
