@@ -11,6 +11,7 @@ _LAZY = {
     "load_video_expert": "fastwam.model.weights",
     "build_fastwam_from_wan": "fastwam.model.weights",
     "init_action_expert_from_video": "fastwam.model.weights",
+    "load_model": "fastwam.loading",
 }
 
 __all__ = ["__version__", *_LAZY]

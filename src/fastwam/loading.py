@@ -1,0 +1,32 @@
+"""`fastwam.load_model`: the bare FastWAM module of a run or checkpoint directory, for people who feed their own
+latents and text states (no codec, no text encoder, no normaliser are built)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastwam import checkpoint as ckpt_io
+from fastwam.model.fastwam import FastWAM
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+               use_ema: bool = True) -> FastWAM:
+    """The FastWAM of a checkpoint directory (or a run directory: its latest checkpoint), in eval mode.
+
+    dtype: None keeps the stored dtype (e.g. bf16 for imported official checkpoints); device: None = CPU. The module
+    is built on the meta device and the stored tensors become its parameters, so nothing is allocated twice.
+    """
+    from fastwam.policy import resolve_dtype
+
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    cfg = ckpt_io.load_config(ckpt)
+    with torch.device("meta"):
+        model = FastWAM(cfg.model)
+    weights = ckpt / ckpt_io.EMA if use_ema and (ckpt / ckpt_io.EMA).is_file() else ckpt / ckpt_io.WEIGHTS
+    ckpt_io.load_weights(model, weights, assign=True)
+    device = torch.device(device or "cpu")
+    if dtype is not None:
+        model = model.to(dtype=resolve_dtype(dtype, device))
+    return model.to(device).eval()
