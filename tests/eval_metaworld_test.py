@@ -225,3 +225,51 @@ def test_rollout_videos_are_h264_mp4_of_every_frame(tmp_path, recwarn):
         assert container.streams.video[0].codec_context.name == "h264"
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == 9 and decoded[0].shape == (34, 66, 3)  # padded to even for yuv420p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hierarchical bootstrap (training seeds, then episodes paired on layouts)
+
+
+def _runs(rates_per_seed, cells=4, episodes=40, seed=0):
+    """One dict per training seed: cell -> outcomes with (about) the given success rate, on shared layouts."""
+    rng = np.random.default_rng(seed)
+    return [{f"c{c}": (rng.random(episodes) < r).astype(int).tolist() for c in range(cells)} for r in rates_per_seed]
+
+
+def test_hierarchical_bootstrap_without_seed_variance_is_the_episode_bootstrap():
+    one = _runs([0.6])[0]
+    other = _runs([0.4], seed=1)[0]
+    # Three identical seeds per arm: resampling seeds changes nothing, exactly.
+    h = stats.hierarchical_bootstrap([one] * 3, [other] * 3, n_boot=3000)
+    flat = stats.hierarchical_bootstrap([one] * 3, [other] * 3, n_boot=3000, resample_seeds=False)
+    assert h["ci95"] == flat["ci95"] and h["estimate"] == flat["estimate"]
+    # ... and it is the paired episode bootstrap of `bootstrap_diff_ci` (same statistic, independent draws).
+    e = stats.bootstrap_diff_ci(one, other, paired=True, n_boot=3000)
+    assert h["estimate"] == pytest.approx(e["diff"])
+    assert h["ci95"] == pytest.approx(e["ci95"], abs=0.015)
+    assert h["per_seed_a"] == [pytest.approx(np.mean([np.mean(v) for v in one.values()]))] * 3
+
+
+def test_hierarchical_bootstrap_widens_with_seed_variance():
+    calm = stats.hierarchical_bootstrap(_runs([0.5, 0.5, 0.5]), _runs([0.5, 0.5, 0.5], seed=1), n_boot=3000)
+    noisy = stats.hierarchical_bootstrap(_runs([0.2, 0.5, 0.8]), _runs([0.5, 0.5, 0.5], seed=1), n_boot=3000)
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(noisy) > 2 * width(calm)
+    assert noisy["mde80"] > 2 * calm["mde80"] and noisy["se"] > calm["se"]
+    # The seeds' spread is what widens it: the same data without seed resampling is as narrow as the calm case.
+    narrow = stats.hierarchical_bootstrap(_runs([0.2, 0.5, 0.8]), _runs([0.5, 0.5, 0.5], seed=1), n_boot=3000,
+                                          resample_seeds=False)
+    assert width(narrow) < 1.5 * width(calm)
+    assert len(noisy["per_seed_a"]) == 3 and noisy["per_seed_a"][0] < noisy["per_seed_a"][2]
+
+
+def test_hierarchical_bootstrap_single_rate_and_errors():
+    r = stats.hierarchical_bootstrap(_runs([0.7, 0.7]), n_boot=2000)
+    assert r["ci95"][0] < r["estimate"] < r["ci95"][1] and "per_seed_b" not in r
+    with pytest.raises(ValueError, match="same cells"):
+        stats.hierarchical_bootstrap([{"a": [1]}], [{"b": [1]}])
+    with pytest.raises(ValueError, match="episode counts"):
+        stats.hierarchical_bootstrap([{"a": [1, 0]}, {"a": [1]}])
+    with pytest.raises(ValueError, match="paired"):
+        stats.hierarchical_bootstrap([{"a": [1, 0]}], [{"a": [1]}])

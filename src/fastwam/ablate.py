@@ -48,6 +48,15 @@ class AblateArgs(PresetArgs):
     videos: int = 1  # rollout videos per task
     baselines: bool = True  # also evaluate zero / random action policies
     baseline_episodes: int = 5  # per task and evaluation seed (baselines fail slowly: every episode runs max_steps)
+    # Sweeps: named model cells, "S:video_hidden_dim=0,video_ffn_dim=512;M:video_hidden_dim=256,..." (ModelConfig
+    # fields on top of the config). Every variant x seed is trained in every cell (runs/CELL/VARIANT_sSEED/). Empty:
+    # one cell, the config itself (runs/VARIANT_sSEED/). A cell's name is bound to its overrides in OUT/cells.json.
+    cells: str = ""
+    cell_variants: str = ""  # per-cell variant lists replacing --variants there: "M:fast,joint,idm,no_cotrain;L:fast"
+    # Evaluation axes (evaluation only: the trained models are reused): "replan=2,4,16;shift=camera,lighting;delay=8".
+    # Each value is one more evaluation of every run in --axis-cells, beside the base one (re-plan every --replan).
+    axes: str = ""
+    axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
     report_only: bool = False
 
 
@@ -63,6 +72,96 @@ def _py() -> list[str]:
     return [sys.executable, "-m", "fastwam"]
 
 
+# Evaluation axes: name -> (condition label for a value, `fastwam eval metaworld` options for it).
+AXES = {
+    "replan": (lambda v: f"replan{v}", lambda v: ["--replan", str(v)]),
+    "shift": (lambda v: f"shift_{v}", lambda v: ["--shift", str(v)]),
+    "delay": (lambda v: f"delay{v}", lambda v: ["--obs-delay", str(v)]),
+}
+BASE = "base"  # the condition every run is evaluated in
+
+
+def parse_cells(spec: str) -> dict[str, dict[str, str]]:
+    """"S:a=1,b=2;M:a=3" -> {"S": {"a": "1", "b": "2"}, "M": {"a": "3"}} (ModelConfig field names, '-' or '_')."""
+    from fastwam.config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cells: dict[str, dict[str, str]] = {}
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        name, sep, body = part.partition(":")
+        name = name.strip()
+        if not sep or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"cell {part!r}: expected NAME:field=value,... with a plain name")
+        if name in cells:
+            raise ValueError(f"cell {name!r} is given twice")
+        overrides = {}
+        for item in (i.strip() for i in body.split(",") if i.strip()):
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in fields:
+                raise ValueError(f"cell {name!r}: {item!r} is not field=value with a ModelConfig field")
+            overrides[key] = value.strip()
+        cells[name] = overrides
+    return cells
+
+
+def parse_axes(spec: str) -> list[tuple[str, list[str]]]:
+    """"replan=2,4;shift=camera" -> [("replan", ["2", "4"]), ("shift", ["camera"])]."""
+    axes = []
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        name, eq, values = part.partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise ValueError(f"evaluation axis {part!r}: expected NAME=v1,v2 with NAME one of {', '.join(AXES)}")
+        axes.append((name, [v.strip() for v in values.split(",") if v.strip()]))
+    return axes
+
+
+def conditions(args: AblateArgs) -> dict[str, list[str]]:
+    """Evaluation condition label -> the extra `fastwam eval metaworld` options (the base condition has none)."""
+    out = {BASE: []}
+    for name, values in parse_axes(args.axes):
+        label, options = AXES[name]
+        for v in values:
+            out[label(v)] = options(v)
+    return out
+
+
+def _variants(spec: str) -> list[str]:
+    variants = [v.strip() for v in spec.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANT_MODES:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANT_MODES)}")
+    return variants
+
+
+def _check_cells(out: Path, cells: dict[str, dict[str, str]]) -> None:
+    """A cell name keeps its meaning for the life of OUT: runs trained under it must not change architecture."""
+    path = out / "cells.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for name, overrides in cells.items():
+        if name in known and known[name] != overrides:
+            raise ValueError(f"cell {name!r} was defined as {known[name]} in {path}; now {overrides}. Use a new "
+                             "cell name for a new architecture")
+    known.update(cells)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
+
+
+def cell_config(cfg: Config, overrides: dict[str, str]) -> Config:
+    """`cfg` with a cell's ModelConfig overrides applied (values converted to the fields' types)."""
+    typed = {}
+    for key, value in overrides.items():
+        current = getattr(cfg.model, key)
+        if isinstance(current, bool):
+            typed[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float)):
+            typed[key] = type(current)(value)
+        else:
+            raise ValueError(f"cell override {key}={value}: only numeric and boolean fields can be swept")
+    return cfg.replace(model=dataclasses.replace(cfg.model, **typed))
+
+
 def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     out = Path(args.out)
     cfg = args.config
@@ -73,51 +172,76 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
         jobs.append(Job("data", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes",
                                          str(args.episodes_per_task), "--out", str(data_dir), "--image-size",
                                          str(size)], data_dir / "meta" / "info.json"))
-    # Longest trainings first, so the job pool's tail is short (IDM runs two video copies; no_cotrain none).
-    cost = {"idm": 0, "joint": 1, "fast": 2, "no_cotrain": 3}
-    variants = sorted((v.strip() for v in args.variants.split(",") if v.strip()), key=lambda v: cost.get(v, 9))
+    cells = parse_cells(args.cells) or {"": {}}
+    per_cell = {k: _variants(v) for k, _, v in (p.partition(":") for p in args.cell_variants.split(";") if p.strip())}
+    unknown = set(per_cell) - set(cells)
+    if unknown:
+        raise ValueError(f"--cell-variants names cells that --cells does not define: {sorted(unknown)}")
+    axis_cells = {c.strip() for c in args.axis_cells.split(",") if c.strip()} or set(cells)
+    if axis_cells - set(cells):
+        raise ValueError(f"--axis-cells names unknown cells: {sorted(axis_cells - set(cells))}")
+    conds = conditions(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    runs = {}
+    # Longest trainings first within a seed (IDM runs two video copies; no_cotrain none), seeds in order: an
+    # interrupted sweep has whole seeds done rather than every cell half done.
+    cost = {"idm": 0, "joint": 1, "fast": 2, "no_cotrain": 3}
+    runs: dict[str, dict] = {}
+    train_jobs, eval_jobs = [], []
 
     def eval_args(episodes: int) -> list[str]:
         return ["--tasks", args.tasks, "--episodes", str(episodes), "--seeds", args.eval_seeds, "--replan",
                 str(args.replan), "--max-steps", str(args.max_steps), "--workers", "1", "--videos", str(args.videos),
                 "--threads", "1", "--no-progress"]
 
-    for variant in variants:
-        if variant not in VARIANT_MODES:
-            raise ValueError(f"unknown variant {variant!r}")
-        for seed in seeds:
-            name = f"{variant}_s{seed}"
+    for seed in seeds:
+        order = sorted(((c, v) for c in cells for v in per_cell.get(c, _variants(args.variants))),
+                       key=lambda cv: (cost.get(cv[1], 9), list(cells).index(cv[0])))
+        for cell, variant in order:
+            name = f"{cell}/{variant}_s{seed}" if cell else f"{variant}_s{seed}"
+            tag = name.replace("/", "_")
             run_dir = out / "runs" / name
-            overrides = _config_overrides(cfg) + [
+            model_flags = [a for k, v in cells[cell].items() for a in (f"--config.model.{k.replace('_', '-')}", v)]
+            overrides = _config_overrides(cfg) + model_flags + [
                 "--dataset", str(data_dir), "--out", str(run_dir), "--variant", variant, "--steps",
                 str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
                 "--auto-resume", "--no-progress",
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
-            jobs.append(Job(f"train_{name}", _py() + ["train"] + overrides, final,
-                            after=("data",) if not args.dataset else ()))
-            eval_dir = out / "eval" / name
-            jobs.append(Job(f"eval_{name}", _py() + ["eval", "metaworld", "--checkpoint", str(run_dir), "--mode",
-                                                     VARIANT_MODES[variant], "--out", str(eval_dir)]
-                            + eval_args(args.eval_episodes),
-                            eval_dir / "results.json", after=(f"train_{name}",)))
-            runs[name] = {"variant": variant, "seed": seed, "run_dir": run_dir, "eval_dir": eval_dir}
-    # Batch-1 latency of each inference mode for this study's architecture, overrides included (random weights: latency
-    # does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.
-    modes = ",".join(sorted({VARIANT_MODES[v] for v in variants}, key=["fast", "joint", "idm"].index))
-    jobs.append(Job("latency", _py() + ["bench", "latency", "--config-file", str(out / "ablation.json"), "--modes",
-                                        modes, "--threads", "1", "--out", str(out / "latency.json")],
-                    out / "latency.json"))
+            train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final,
+                                  after=("data",) if not args.dataset else ()))
+            evals = {}
+            for cond, options in conds.items():
+                if cond != BASE and cell not in axis_cells:
+                    continue
+                eval_dir = out / "eval" / name if cond == BASE else out / "eval" / name / cond
+                evals[cond] = eval_dir
+                videos = [] if cond == BASE else ["--videos", "0"]
+                eval_jobs.append(Job(f"eval_{tag}" + ("" if cond == BASE else f"_{cond}"),
+                                     _py() + ["eval", "metaworld", "--checkpoint", str(run_dir), "--mode",
+                                              VARIANT_MODES[variant], "--out", str(eval_dir)]
+                                     + eval_args(args.eval_episodes) + options + videos,
+                                     eval_dir / "results.json", after=(f"train_{tag}",)))
+            runs[name] = {"variant": variant, "seed": seed, "cell": cell, "run_dir": run_dir,
+                          "eval_dir": evals[BASE], "evals": evals}
+    jobs += train_jobs + eval_jobs
+    # Batch-1 latency of each inference mode for each cell's architecture, overrides included (random weights:
+    # latency does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.
+    for cell in cells:
+        modes = {VARIANT_MODES[v] for v in per_cell.get(cell, _variants(args.variants))}
+        modes_arg = ",".join(sorted(modes, key=["fast", "joint", "idm"].index))
+        config_file = out / (f"config_{cell}.json" if cell else "ablation.json")  # written by `cli` before any job
+        target = out / (f"latency_{cell}.json" if cell else "latency.json")
+        jobs.append(Job(f"latency{'_' + cell if cell else ''}",
+                        _py() + ["bench", "latency", "--config-file", str(config_file), "--modes", modes_arg,
+                                 "--threads", "1", "--out", str(target)], target))
     if args.baselines:
         for baseline in ("zero", "random"):
             eval_dir = out / "eval" / f"baseline_{baseline}"
             jobs.append(Job(f"eval_baseline_{baseline}", _py() + ["eval", "metaworld", "--policy", baseline, "--out",
                                                                   str(eval_dir)] + eval_args(args.baseline_episodes),
                             eval_dir / "results.json", after=("data",) if not args.dataset else ()))
-            runs[f"baseline_{baseline}"] = {"variant": f"baseline ({baseline})", "seed": None, "run_dir": None,
-                                            "eval_dir": eval_dir}
+            runs[f"baseline_{baseline}"] = {"variant": f"baseline ({baseline})", "seed": None, "cell": None,
+                                            "run_dir": None, "eval_dir": eval_dir, "evals": {BASE: eval_dir}}
     return jobs, runs
 
 
@@ -143,8 +267,42 @@ def _config_overrides(cfg: Config) -> list[str]:
     return args
 
 
+class _Adopted:
+    """A job a previous driver started that is still running (its pid file names a live fastwam process): watched
+    instead of started twice, so the study's driver can be stopped and restarted at any time."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if _alive_fastwam(self.pid):
+            return None
+        self.returncode = 0  # unknown: the job counts as done if its output exists
+        return self.returncode
+
+
+def _alive_fastwam(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return b"fastwam" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
+def _adopt(pid_file: Path) -> _Adopted | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return _Adopted(pid) if _alive_fastwam(pid) else None
+
+
 def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
-    """Run pending jobs respecting dependencies, `parallel` at a time; logs in OUT/logs/NAME.log."""
+    """Run pending jobs respecting dependencies, `parallel` at a time; logs in OUT/logs/NAME.log.
+
+    Each running job's pid is in OUT/logs/NAME.pid: a driver started while an earlier one's jobs still run (after a
+    crash, or stopped to change the plan) watches those jobs instead of starting them again.
+    """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pending = [j for j in jobs if not j.done.exists()]
@@ -152,13 +310,20 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
     for j in jobs:
         if j.name in done:
             print(f"[ablate] {j.name}: done already, skipping")
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen | _Adopted, float]] = {}
+    for j in list(pending):
+        adopted = _adopt(logs / f"{j.name}.pid")
+        if adopted is not None:
+            pending.remove(j)
+            running[j.name] = (adopted, time.time())
+            print(f"[ablate] {j.name}: still running (pid {adopted.pid}) from an earlier driver; watching it")
     failed: list[str] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     while pending or running:
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
+                (logs / f"{name}.pid").unlink(missing_ok=True)
                 job = next(j for j in jobs if j.name == name)
                 if proc.returncode == 0 and job.done.exists():
                     done.add(name)
@@ -166,7 +331,9 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
                 else:
                     failed.append(name)
                     print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
-        ready = [j for j in pending if all(a in done for a in j.after)]
+        # Ready evaluations go before ready trainings: results accumulate while the long trainings queue.
+        ready = sorted((j for j in pending if all(a in done for a in j.after)),
+                       key=lambda j: j.name.startswith("train_"))
         blocked = [j for j in pending if any(a in failed for a in j.after)]
         for j in blocked:
             pending.remove(j)
@@ -179,8 +346,9 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
             log = open(logs / f"{job.name}.log", "a")
             log.write(f"$ {' '.join(job.cmd)}\n")
             log.flush()
-            running[job.name] = (subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                                 time.time())
+            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            (logs / f"{job.name}.pid").write_text(f"{proc.pid}\n")
+            running[job.name] = (proc, time.time())
         time.sleep(1.0)
     if failed:
         raise RuntimeError(f"ablation jobs failed: {', '.join(failed)} (logs in {logs}); rerun to retry them")
@@ -193,6 +361,10 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, runs = plan(args)
+    cells = parse_cells(args.cells)
+    _check_cells(out, cells)
+    for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
+        (out / f"config_{cell}.json").write_text(cell_config(args.config, overrides).to_json() + "\n")
     # The study's command: without --report-only, which only re-renders the report of the same study.
     command = ["fastwam", "ablate", *(a for a in argv if a not in ("--report-only", "--no-report-only"))]
     (out / "ablation.json").write_text(json.dumps({

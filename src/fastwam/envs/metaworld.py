@@ -97,6 +97,14 @@ WRIST_OFFSET_SCALE = 0.8  # behindGripper sits 0.5 m behind the gripper; 0.4 m k
 GOAL_MARKER_SCALE = 1.5
 MAX_PATH_LENGTH = 500  # Meta-World raises past this many steps
 
+# Test-time visual distribution shifts (evaluation only: demonstrations are always rendered unshifted). Each changes
+# what the cameras see, never the physics, so the same actions do the same thing; they are mild on purpose (the
+# task stays visible to a person at 64x64) so that a policy's success degrades rather than collapses.
+VISUAL_SHIFTS = ("none", "camera", "lighting", "colour")
+SHIFTED_SCENE_CAMERA = {"lookat": (0.03, 0.68, 0.1), "distance": 0.86, "azimuth": 222.0, "elevation": -42.0}
+_ROBOT_BODY_PREFIXES = ("right_", "hand", "leftclaw", "rightclaw", "leftpad", "rightpad", "pedestal", "torso",
+                        "head", "screen", "controller_box", "mocap")
+
 
 def canonical_task(name: str) -> str:
     """'push' or 'push-v3' -> 'push-v3'; unknown names raise with the list of known ones."""
@@ -124,6 +132,32 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+def _apply_visual_shift(mujoco: Any, model: Any, shift: str) -> None:
+    """Change the model's appearance for a test-time shift ("camera" is applied to the scene camera's pose)."""
+    if shift == "lighting":  # dimmer, warm light: a different time of day / lamp
+        model.vis.headlight.diffuse[:] = (0.22, 0.17, 0.1)
+        model.vis.headlight.ambient[:] = (0.2, 0.17, 0.13)
+        model.light_diffuse[:] = np.asarray((0.35, 0.26, 0.12))[None, :]
+    elif shift == "colour":  # a different table, floor and wall, and objects in other colours
+        tint = {"table_wood": (0.55, 0.7, 1.0), "table_col": (0.55, 0.7, 1.0), "basic_floor": (1.0, 0.7, 0.5),
+                "wall_metal": (0.6, 1.0, 0.6)}
+        for name, rgb in tint.items():
+            i = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_MATERIAL, name)
+            if i >= 0:
+                model.mat_rgba[i, :3] = rgb
+        tinted = {mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_MATERIAL, name) for name in tint}
+        rotated: set[int] = set()
+        for g in range(model.ngeom):  # task objects (not the robot): rotate their colour channels R,G,B -> B,R,G
+            body = mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, model.geom_bodyid[g]) or ""
+            if body in ("world", "tablelink") or body.startswith(_ROBOT_BODY_PREFIXES):
+                continue
+            model.geom_rgba[g, :3] = model.geom_rgba[g, [2, 0, 1]]
+            mat = int(model.geom_matid[g])
+            if mat >= 0 and mat not in tinted and mat not in rotated:  # a material colours the geom instead
+                model.mat_rgba[mat, :3] = model.mat_rgba[mat, [2, 0, 1]]
+                rotated.add(mat)
+
+
 class MetaWorldEnv:
     """One Meta-World task with camera observations.
 
@@ -134,7 +168,7 @@ class MetaWorldEnv:
     """
 
     def __init__(self, task: str, seed: int, image_size: tuple[int, int] | int = (64, 64),
-                 cameras: Sequence[str] = DEFAULT_CAMERAS, max_steps: int = 300):
+                 cameras: Sequence[str] = DEFAULT_CAMERAS, max_steps: int = 300, shift: str = "none"):
         import gymnasium as gym
         import metaworld  # noqa: F401  (registers the Meta-World/* environments)
         import mujoco
@@ -149,6 +183,9 @@ class MetaWorldEnv:
                 raise ValueError(f"unknown camera {cam!r}; choose from {DEFAULT_CAMERAS + STOCK_CAMERAS}")
         if not 1 <= max_steps <= MAX_PATH_LENGTH:
             raise ValueError(f"max_steps must be in 1..{MAX_PATH_LENGTH}")
+        if shift not in VISUAL_SHIFTS:
+            raise ValueError(f"unknown visual shift {shift!r}; choose from {', '.join(VISUAL_SHIFTS)}")
+        self.shift = shift
         self.max_steps = max_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -164,6 +201,7 @@ class MetaWorldEnv:
         wrist = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "behindGripper")
         if "wrist" in self.cameras and wrist >= 0:
             model.cam_pos0[wrist] *= WRIST_OFFSET_SCALE  # track-mode cameras use cam_pos0 (world offset)
+        _apply_visual_shift(mujoco, model, shift)
         h, w = self.image_size
         self._renderer = mujoco.Renderer(model, h, w)
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
@@ -171,10 +209,11 @@ class MetaWorldEnv:
         self._cams: dict[str, Any] = {}
         for cam in self.cameras:
             if cam == "scene":
+                pose = SHIFTED_SCENE_CAMERA if shift == "camera" else SCENE_CAMERA
                 c = mujoco.MjvCamera()
                 c.type = mujoco.mjtCamera.mjCAMERA_FREE
-                c.lookat[:] = SCENE_CAMERA["lookat"]
-                c.distance, c.azimuth, c.elevation = (SCENE_CAMERA[k] for k in ("distance", "azimuth", "elevation"))
+                c.lookat[:] = pose["lookat"]
+                c.distance, c.azimuth, c.elevation = (pose[k] for k in ("distance", "azimuth", "elevation"))
                 self._cams[cam] = c
             elif cam == "wrist":
                 self._cams[cam] = "behindGripper"

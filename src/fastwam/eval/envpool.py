@@ -45,6 +45,7 @@ class EnvSettings:
     cameras: tuple[str, ...]
     max_steps: int
     idle_envs: int = 3  # idle envs each worker keeps for reuse (building one costs ~1.5 s: Meta-World's MT1 setup)
+    shift: str = "none"  # test-time visual shift of the rendered images (envs.metaworld.VISUAL_SHIFTS)
 
 
 @dataclass
@@ -89,7 +90,9 @@ class _Worker:
     # -- env management ------------------------------------------------------------------------------------------------
     def _new_env(self, task: str, env_seed: int) -> Any:
         s = self.settings
-        return self.mw.MetaWorldEnv(task, env_seed, image_size=s.image_size, cameras=s.cameras, max_steps=s.max_steps)
+        shift = {"shift": s.shift} if s.shift != "none" else {}  # (test doubles of the env take no shift)
+        return self.mw.MetaWorldEnv(task, env_seed, image_size=s.image_size, cameras=s.cameras, max_steps=s.max_steps,
+                                    **shift)
 
     def _acquire(self, slot: _Slot, spec: EpisodeSpec) -> None:
         """Give `slot` an env of (task, env_seed) positioned just before layout `spec.episode`."""
@@ -130,18 +133,28 @@ class _Worker:
         slot.frames = [compose_frame(obs["images"], self.settings.cameras)] if spec.record else []
         return obs
 
-    def _act(self, slot_id: int, actions: np.ndarray | None, expert_steps: int) -> tuple[dict | None, dict | None, int]:
-        """Run a chunk; returns (obs if the episode goes on, the ended-episode record if it ended, steps taken)."""
+    def _act(self, slot_id: int, actions: np.ndarray | None, expert_steps: int,
+             obs_after: int | None = None) -> tuple[dict | None, dict | None, int]:
+        """Run a chunk; returns (obs if the episode goes on, the ended-episode record if it ended, steps taken).
+
+        obs_after: return the observation made after this many of the chunk's actions instead of after all of them
+        (an observation that lags the robot by the rest of the chunk: the latency axis of the evaluation).
+        """
         slot = self.slots[slot_id]
         if slot.spec is None:
             raise RuntimeError(f"slot {slot_id} has no running episode")
         n = expert_steps if actions is None else len(actions)
-        obs, ended, taken = None, None, 0
+        at = n if obs_after is None else obs_after
+        if not 1 <= at <= n:
+            raise ValueError(f"obs_after must be in 1..{n}, got {obs_after}")
+        obs, kept, ended, taken = None, None, None, 0
         for j in range(n):
             action = slot.env.expert_action() if actions is None else actions[j]
-            render = slot.spec.record or j == n - 1
+            render = slot.spec.record or j == at - 1
             kw = {"render": render} if self.step_render_flag else {}
             obs, _reward, success, done = slot.env.step(action, **kw)
+            if j == at - 1:
+                kept = obs
             slot.steps += 1
             taken += 1
             if slot.spec.record:
@@ -153,7 +166,7 @@ class _Worker:
                          "frames": np.stack(slot.frames) if slot.frames else None}
                 slot.spec, slot.frames = None, []
                 return None, ended, taken
-        return obs, None, taken
+        return kept, None, taken
 
     def handle(self, commands: list[dict]) -> list[dict]:
         """Each command: {"slot", optional "begin": spec} or {"slot", "actions" | "expert_steps", optional "next"}."""
@@ -166,7 +179,8 @@ class _Worker:
                 reply["obs"] = self._begin(sid, cmd["begin"])
                 reply["started"] = cmd["begin"]
             else:
-                obs, ended, taken = self._act(sid, cmd.get("actions"), int(cmd.get("expert_steps", 0)))
+                obs, ended, taken = self._act(sid, cmd.get("actions"), int(cmd.get("expert_steps", 0)),
+                                              cmd.get("obs_after"))
                 reply.update(obs=obs, ended=ended, steps=taken)
                 if ended is not None and cmd.get("next") is not None:
                     reply["obs"] = self._begin(sid, cmd["next"])

@@ -456,6 +456,8 @@ def evaluate(
     pipeline: bool | None = None,
     threads: int | None = None,
     progress: bool = True,
+    shift: str = "none",
+    obs_delay: int = 0,
 ) -> dict:
     """Evaluate closed loop; returns the results dict (also written to out_dir/results.json when out_dir is given).
 
@@ -473,6 +475,11 @@ def evaluate(
     small_cpu policy call goes from ~70-90 ms to 0.6-5 s.
     image_size / cameras: override what the env renders (default: what the policy was trained on; baselines render
     the env's default cameras at 64x64 when videos are asked for, and nothing otherwise).
+    shift: a test-time visual shift of the rendered images ("camera", "lighting", "colour"; envs.metaworld).
+    obs_delay: observation latency d (0 <= d < replan): from the second chunk of an episode on, the policy is
+    given the observation made d steps before the re-planning time, and the actions executed are those its chunk
+    plans for "now", chunk[d : d + replan] (latency compensation, as on a real robot with a slow camera; the first
+    chunk, planned while the robot is still, runs from index 0). It needs horizon >= d + replan.
     """
     from fastwam.envs.metaworld import DEFAULT_CAMERAS, parse_tasks
 
@@ -496,6 +503,13 @@ def evaluate(
         k = replan or max(1, adapter.horizon // 2)
         if not 1 <= k <= adapter.horizon:
             raise ValueError(f"replan must be in 1..{adapter.horizon} (the policy's chunk length), got {k}")
+        if not 0 <= obs_delay < k or obs_delay + k > adapter.horizon:
+            raise ValueError(f"obs_delay must be in 0..replan-1 ({k - 1}) with obs_delay + replan <= the chunk "
+                             f"length ({adapter.horizon}), got {obs_delay}")
+        from fastwam.envs.metaworld import VISUAL_SHIFTS
+
+        if shift not in VISUAL_SHIFTS:
+            raise ValueError(f"unknown shift {shift!r}; choose from {', '.join(VISUAL_SHIFTS)}")
         modes = [mode] if isinstance(mode, str) else list(mode or [])
         modes = [m.strip() for ms in modes for m in ms.split(",") if m.strip()] or [adapter.default_mode]
         for m in modes:
@@ -516,7 +530,8 @@ def evaluate(
             pipeline = isinstance(adapter, _InProcess) and getattr(adapter.policy, "device", None) is not None \
                 and getattr(adapter.policy.device, "type", "cpu") == "cuda"
         n_groups = 2 if pipeline and workers >= 1 and not adapter.in_worker and slots >= 2 else 1
-        settings = EnvSettings(image_size=(int(size[0]), int(size[1])), cameras=cams, max_steps=max_steps)
+        settings = EnvSettings(image_size=(int(size[0]), int(size[1])), cameras=cams, max_steps=max_steps,
+                               shift=shift)
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -533,12 +548,13 @@ def evaluate(
             try:
                 for m in modes:
                     runs.append(_run_mode(pool, adapter, m, task_list, seed_list, episodes, video_episodes, k,
-                                          slots, n_groups, out, bar))
+                                          slots, n_groups, out, bar, obs_delay))
             finally:
                 bar.close()
         results = _assemble(adapter, runs, modes, task_list, seed_list, episodes, k, max_steps, settings, slots,
                             pool.workers, n_groups, pool.step_render_flag, pool_start_s,
                             time.perf_counter() - t_start)
+        results["config"].update(shift=shift, obs_delay=obs_delay)
     finally:
         adapter.close()
         if previous_threads is not None:
@@ -552,7 +568,7 @@ def evaluate(
 
 
 def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], seeds: list[int], episodes: int,
-              videos: int, k: int, slots: int, groups: int, out: Path | None, bar: Any) -> dict:
+              videos: int, k: int, slots: int, groups: int, out: Path | None, bar: Any, delay: int = 0) -> dict:
     """Roll out every episode of one mode.
 
     The slots are split into `groups` contiguous blocks (a block spans all workers, as slot i lives on worker
@@ -601,10 +617,11 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
         chunks: dict[int, np.ndarray | None] = {}
         for i, rep in zip(active, replies):
             a = np.asarray(rep["actions"], dtype=np.float32)
-            if a.ndim != 2 or a.shape[1] != ACTION_DIM or a.shape[0] < k:
-                raise ValueError(f"the policy returned actions of shape {list(a.shape)}; expected [>= {k}, "
+            if a.ndim != 2 or a.shape[1] != ACTION_DIM or a.shape[0] < k + delay:
+                raise ValueError(f"the policy returned actions of shape {list(a.shape)}; expected [>= {k + delay}, "
                                  f"{ACTION_DIM}]")
-            chunks[i] = a[:k]
+            lag = delay if runs[i].steps > 0 else 0  # the first chunk of an episode is planned at rest
+            chunks[i] = a[lag: lag + k]
             if rep.get("imagined") is not None:
                 runs[i].imagined.append((runs[i].steps, np.asarray(rep["imagined"], dtype=np.uint8)))
         return chunks
@@ -618,6 +635,8 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                 cmd["expert_steps"] = k
             else:
                 cmd["actions"] = chunks[i]
+            if delay:
+                cmd["obs_after"] = k - delay
             nxt = run.spec.episode + 1  # type: ignore[union-attr]
             if nxt < run.stream.stop:  # type: ignore[union-attr]
                 cmd["next"] = run.stream.spec(nxt)  # type: ignore[union-attr]
@@ -860,6 +879,9 @@ class EvalArgs:
     # need the workers' CPU cores. auto = on for a GPU policy, off for a CPU one.
     pipeline: Literal["auto", "on", "off"] = "auto"
     progress: bool = True  # show a progress bar
+    # Evaluation axes (see `evaluate`): a test-time visual shift, and observation latency with compensation.
+    shift: Literal["none", "camera", "lighting", "colour"] = "none"
+    obs_delay: int = 0  # steps the observation lags the robot at each re-plan (0..replan-1)
 
 
 def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
@@ -879,7 +901,7 @@ def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
         cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] or None,
         horizon=args.horizon or None, device=args.device or None, policy_seed=args.policy_seed,
         pipeline={"auto": None, "on": True, "off": False}[args.pipeline], threads=args.threads or None,
-        progress=args.progress,
+        progress=args.progress, shift=args.shift, obs_delay=args.obs_delay,
     )
     print(summary_markdown(results))
     print(f"results: {Path(args.out) / 'results.json'}\nsummary: {Path(args.out) / 'summary.md'}"

@@ -1,0 +1,117 @@
+"""The evaluation axes of the imagination study produce the observations they claim to.
+
+- visual shifts change what the cameras see, never the physics (same actions -> same states), and only the images
+  they say (the camera shift moves the scene camera, not the wrist one);
+- observation latency gives the policy the observation made `d` steps before re-planning and executes the actions
+  its chunk plans for "now", chunk[d : d + replan] (checked against a replay of the same actions);
+- re-planning after K actions executes exactly K actions of each chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+
+from fastwam.envs.metaworld import VISUAL_SHIFTS, MetaWorldEnv  # noqa: E402
+from fastwam.eval import metaworld as mwe  # noqa: E402
+
+TASK = "reach-v3"
+
+
+def _images_and_states(shift: str, actions: np.ndarray):
+    with MetaWorldEnv(TASK, mwe.env_seed_for(0), image_size=(32, 32), shift=shift) as env:
+        obs = env.reset()
+        images, states = [obs["images"]], [obs["state"]]
+        for a in actions:
+            obs, *_ = env.step(a)
+            images.append(obs["images"])
+            states.append(obs["state"])
+    return images, np.stack(states)
+
+
+def test_visual_shifts_change_pixels_not_physics():
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(6, 4)).astype(np.float32)
+    base_images, base_states = _images_and_states("none", actions)
+    for shift in VISUAL_SHIFTS[1:]:
+        images, states = _images_and_states(shift, actions)
+        np.testing.assert_array_equal(states, base_states)  # the same physics
+        for cam in ("scene", "wrist"):
+            diff = np.mean([np.abs(a[cam].astype(int) - b[cam].astype(int)).mean()
+                            for a, b in zip(images, base_images)])
+            if shift == "camera" and cam == "wrist":
+                assert diff == 0, "the camera shift moves the scene camera only"
+            else:
+                assert diff > 2.0, (shift, cam, diff)  # a visible change (mean absolute difference, 0..255)
+    with pytest.raises(ValueError, match="unknown visual shift"):
+        MetaWorldEnv(TASK, 0, shift="fog")
+
+
+class _Recorder(mwe._Adapter):
+    """A policy that returns the same chunk every time (row j distinct) and records the states it was shown."""
+
+    def __init__(self, horizon: int = 16):
+        self.name, self.horizon, self.cameras, self.image_size = "recorder", horizon, ("scene",), (32, 32)
+        self.default_mode, self.modes = "fast", ("fast",)
+        j = np.arange(horizon, dtype=np.float32)
+        self.chunk = np.stack([0.6 * np.sin(j), 0.6 * np.cos(j), 0.3 * np.sin(2 * j), np.zeros_like(j)], axis=1)
+        self.seen: list[np.ndarray] = []
+
+    def act(self, obs, specs, mode, want_video):
+        self.seen += [np.asarray(o["state"]) for o in obs]
+        return [{"actions": self.chunk} for _ in obs]
+
+
+def _replay(chunk: np.ndarray, executed: list[slice], steps: int) -> np.ndarray:
+    """States after 0, 1, ..., steps actions when the given chunk slices are executed one after another."""
+    with MetaWorldEnv(TASK, mwe.env_seed_for(0), image_size=(32, 32), cameras=("scene",)) as env:
+        states = [env.reset(render=False)["state"]]
+        for part in executed:
+            for a in chunk[part]:
+                if len(states) > steps:
+                    break
+                states.append(env.step(a, render=False)[0]["state"])
+    return np.stack(states)
+
+
+@pytest.mark.parametrize("delay", [0, 4])
+def test_observation_delay_lags_the_observation_and_compensates_the_actions(delay, tmp_path):
+    k, steps = 8, 24
+    rec = _Recorder()
+    res = mwe.evaluate(rec, TASK, episodes=1, seeds=[0], replan=k, max_steps=steps, workers=0, video_episodes=0,
+                       num_envs=1, progress=False, obs_delay=delay, out_dir=tmp_path)
+    assert res["config"]["obs_delay"] == delay and res["cells"][0]["episode_length"] == [steps]
+    # Executed: chunk[0:k] first (planned at rest), then chunk[d:d+k] for every later plan.
+    executed = [slice(0, k)] + [slice(delay, delay + k)] * (steps // k)
+    states = _replay(rec.chunk, executed, steps)
+    # The policy saw the reset state, then the state d steps before each re-planning time (k, 2k).
+    assert len(rec.seen) == steps // k
+    for call, seen in enumerate(rec.seen):
+        at = 0 if call == 0 else call * k - delay
+        np.testing.assert_allclose(seen, states[at], atol=1e-6, err_msg=f"call {call}: expected the state at {at}")
+
+
+def test_delay_and_shift_are_validated():
+    rec = _Recorder(horizon=16)
+    with pytest.raises(ValueError, match="obs_delay"):
+        mwe.evaluate(rec, TASK, episodes=1, replan=8, obs_delay=8, workers=0, video_episodes=0, progress=False)
+    with pytest.raises(ValueError, match="obs_delay"):
+        mwe.evaluate(rec, TASK, episodes=1, replan=12, obs_delay=6, workers=0, video_episodes=0, progress=False)
+    with pytest.raises(ValueError, match="unknown shift"):
+        mwe.evaluate(rec, TASK, episodes=1, replan=8, shift="fog", workers=0, video_episodes=0, progress=False)
+
+
+def test_shift_reaches_the_rendered_images(tmp_path):
+    """The evaluator renders with the shift: the first observation differs from the unshifted one."""
+    firsts = {}
+    for shift in ("none", "colour"):
+        class First(_Recorder):
+            def act(self, obs, specs, mode, want_video):
+                firsts.setdefault(shift, obs[0]["images"]["scene"].copy())
+                return super().act(obs, specs, mode, want_video)
+
+        res = mwe.evaluate(First(), TASK, episodes=1, seeds=[0], replan=8, max_steps=8, workers=0, video_episodes=0,
+                           num_envs=1, progress=False, shift=shift)
+        assert res["config"]["shift"] == shift
+    assert np.abs(firsts["none"].astype(int) - firsts["colour"].astype(int)).mean() > 2.0
