@@ -1,0 +1,144 @@
+"""Sweeps and evaluation axes through `fastwam ablate`, and the study report.
+
+- a tiny two-cell sweep with axes runs end to end, lays its runs and evaluations out by cell / variant / condition,
+  resumes with no work, refuses to rebind a cell name, and a restarted driver watches jobs still running instead of
+  starting them twice;
+- the report's numbers come from the hierarchical bootstrap of the files on disk (synthetic results with a known
+  answer: an imagination variant that is better only under one condition is reported as paying there only).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastwam import ablate
+from fastwam.presets import parse_with_preset
+
+TASK = "reach-v3"
+
+
+def _argv(out) -> list[str]:
+    return ["--preset", "tiny", "--out", str(out), "--tasks", TASK, "--episodes-per-task", "2", "--train-steps", "2",
+            "--variants", "fast", "--cells", "A:video_ffn_dim=32;B:video_hidden_dim=24,video_ffn_dim=48",
+            "--cell-variants", "B:fast,joint", "--axes", "replan=1;shift=colour;delay=1", "--axis-cells", "B",
+            "--eval-episodes", "1", "--eval-seeds", "0", "--max-steps", "6", "--replan", "2", "--no-baselines",
+            "--videos", "0", "--config.train.batch-size", "2", "--config.train.save-every", "2"]
+
+
+def test_sweep_plan_layout():
+    args = parse_with_preset(_argv("/tmp/x"), ablate.AblateArgs, "test")
+    jobs, runs = ablate.plan(args)
+    assert set(runs) == {"A/fast_s0", "B/fast_s0", "B/joint_s0"}
+    names = {j.name for j in jobs}
+    # Axes only for the axis cell; every run has its base evaluation.
+    assert {"eval_A_fast_s0", "eval_B_fast_s0", "eval_B_joint_s0", "eval_B_joint_s0_replan1",
+            "eval_B_fast_s0_shift_colour", "eval_B_joint_s0_delay1"} <= names
+    assert not any(n.startswith("eval_A_fast_s0_") for n in names)
+    by = {j.name: j for j in jobs}
+    cmd = by["eval_B_joint_s0_delay1"].cmd
+    assert cmd[cmd.index("--obs-delay") + 1] == "1" and cmd[cmd.index("--mode") + 1] == "joint"
+    assert by["eval_B_fast_s0_shift_colour"].done.parent.name == "shift_colour"
+    train = by["train_B_joint_s0"].cmd
+    assert train[train.index("--config.model.video-hidden-dim") + 1] == "24"
+    assert runs["B/joint_s0"]["evals"]["replan1"].parts[-3:] == ("B", "joint_s0", "replan1")
+    with pytest.raises(ValueError, match="ModelConfig field"):
+        ablate.parse_cells("A:not_a_field=1")
+    with pytest.raises(ValueError, match="axis"):
+        ablate.parse_axes("fog=1")
+
+
+def test_sweep_runs_end_to_end_resumes_and_keeps_cell_names(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert ablate.cli(_argv(out)) == 0
+    first = capsys.readouterr().out
+    assert "train_B_joint_s0: finished" in first and "eval_B_joint_s0_shift_colour: finished" in first
+    res = json.loads((out / "eval" / "B" / "joint_s0" / "delay1" / "results.json").read_text())
+    assert res["config"]["obs_delay"] == 1 and res["config"]["replan"] == 2
+    assert json.loads((out / "eval" / "B" / "fast_s0" / "shift_colour" / "results.json").read_text())[
+        "config"]["shift"] == "colour"
+    trained = json.loads((out / "runs" / "B" / "joint_s0" / "config.json").read_text())["model"]
+    assert trained["video_hidden_dim"] == 24 and trained["video_ffn_dim"] == 48
+    latency = json.loads((out / "latency_B.json").read_text())
+    assert set(latency["modes"]) == {"fast", "joint"}
+    report = (out / "report.md").read_text()
+    assert "imagination map" in report and "| B |" in report
+    # Resume: nothing to do.
+    assert ablate.cli(_argv(out)) == 0
+    assert "starting" not in capsys.readouterr().out
+    # A cell name stays bound to its architecture.
+    bad = [a.replace("A:video_ffn_dim=32", "A:video_ffn_dim=40") for a in _argv(out)]
+    with pytest.raises(ValueError, match="cell 'A' was defined"):
+        ablate.cli(bad)
+
+
+def test_restarted_driver_watches_a_running_job(tmp_path, capsys):
+    """A job whose pid file names a live fastwam process is watched, not started again."""
+    out = tmp_path / "o"
+    done = out / "marker"
+    # A stand-in job: a live process whose command line names fastwam, which writes the job's output and exits.
+    script = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(done)!r}).write_text('x')  # fastwam"
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "j.pid").write_text(f"{proc.pid}\n")
+    job = ablate.Job("j", [sys.executable, "-c", "raise SystemExit(3)"], done)  # would fail if started again
+    t0 = time.time()
+    ablate.run_jobs([job], out, parallel=1)
+    proc.wait()
+    text = capsys.readouterr().out
+    assert "still running" in text and "j: finished" in text and "starting" not in text
+    assert done.exists() and time.time() - t0 >= 1.0
+    assert not (out / "logs" / "j.pid").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report on synthetic results with a known answer
+
+
+def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30) -> dict:
+    rng = np.random.default_rng(seed)
+    cells = []
+    for task, rate in rate_by_task.items():
+        for eval_seed in (0, 1):
+            outcomes = (rng.random(episodes) < rate).astype(int).tolist()
+            cells.append({"task": task, "seed": eval_seed, "episode_success": outcomes})
+    return {"cells": cells}
+
+
+def test_study_report_known_answer(tmp_path):
+    from fastwam.study_report import MULTI_STAGE, write_study_report
+
+    tasks = ["reach-v3", "drawer-open-v3", MULTI_STAGE[0]]
+    rates = {"fast": 0.5, "no_cotrain": 0.2, "joint": 0.5, "idm": 0.5}
+    runs = {}
+    (tmp_path / "cells.json").write_text(json.dumps({"M": {"video_hidden_dim": "256"}}))
+    (tmp_path / "latency_M.json").write_text(json.dumps({"params": {"video_expert": 3.8e6, "action_expert": 0.8e6},
+                                                         "modes": {"fast": {"p50_ms": 10.0},
+                                                                   "joint": {"p50_ms": 40.0},
+                                                                   "idm": {"p50_ms": 50.0}}}))
+    for variant, rate in rates.items():
+        for seed in range(3):
+            name = f"M/{variant}_s{seed}"
+            evals = {}
+            for cond in ("base", "replan16"):
+                d = tmp_path / "eval" / name / ("" if cond == "base" else cond)
+                d.mkdir(parents=True, exist_ok=True)
+                # IDM pays only when re-planning rarely (replan16), by 30 points; everything else is equal.
+                r = rate + (0.3 if (variant == "idm" and cond == "replan16") else 0.0)
+                (d / "results.json").write_text(json.dumps(_results({t: r for t in tasks}, seed=seed)))
+                evals[cond] = d
+            runs[name] = {"variant": variant, "seed": seed, "cell": "M", "run_dir": tmp_path / "runs" / name,
+                          "eval_dir": evals["base"], "evals": evals}
+    report = write_study_report(tmp_path, runs, None, ["base", "replan16"]).read_text()
+    verdicts = report.split("## Verdicts")[1]
+    assert "Cell M (3.8M video parameters): video co-training pays" in verdicts
+    assert "re-plan every 16: imagination joint unresolved" in verdicts and "idm pays" in verdicts
+    assert "base (re-plan every 8): imagination joint unresolved" in verdicts
+    assert "4.0x" in report and "5.0x" in report  # the latency paid
+    assert "multi-stage (1 tasks)" in report and "single-stage (2 tasks)" in report
+    assert (tmp_path / "capacity.png").is_file() and (tmp_path / "imagination_map.png").is_file()
