@@ -142,3 +142,33 @@ def test_study_report_known_answer(tmp_path):
     assert "4.0x" in report and "5.0x" in report  # the latency paid
     assert "multi-stage (1 tasks)" in report and "single-stage (2 tasks)" in report
     assert (tmp_path / "capacity.png").is_file() and (tmp_path / "imagination_map.png").is_file()
+
+
+def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):
+    from fastwam.report import publish_report
+
+    out = tmp_path / "study"
+    (out / "eval" / "M" / "joint_s0" / "videos").mkdir(parents=True)
+    (out / "eval" / "M" / "fast_s0" / "videos").mkdir(parents=True)
+    for name in ("joint_reach-v3_seed0_ep00_success.mp4", "joint_push-v3_seed0_ep00_fail.mp4"):
+        (out / "eval" / "M" / "joint_s0" / "videos" / name).write_bytes(b"x")
+    (out / "eval" / "M" / "fast_s0" / "videos" / "fast_reach-v3_seed0_ep00_success.mp4").write_bytes(b"x")
+    (out / "capacity.png").write_bytes(b"png")
+    (out / "ablation.json").write_text("{}")
+    (out / "report.md").write_text("# R\n\n![cap](capacity.png)\n\n![gone](runs/x/samples/a.png)\n\n"
+                                   "- `eval/M/fast_s0/videos/other.mp4`\n")
+    dest = tmp_path / "docs" / "study"
+    text = publish_report(out, dest, videos=2).read_text()
+    assert "capacity.png" in text and "gone" not in text and "other.mp4" not in text
+    # One video per variant first (imagination first), and every link of the published report exists.
+    assert "joint_push-v3" in text and "fast_reach-v3" in text and "joint_reach-v3" not in text
+    import re
+
+    for link in re.findall(r"\]\(([^)]+)\)", text) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", text):
+        assert (dest / link).exists(), link
+    assert (dest / "ablation.json").exists()
+
+
+def test_recorded_command_leaves_out_report_and_publish_options():
+    assert ablate._study_argv(["--out", "o", "--report-only", "--publish", "docs/x", "--publish-videos", "2",
+                               "--tasks", "t"]) == ["--out", "o", "--tasks", "t"]

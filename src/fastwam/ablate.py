@@ -58,6 +58,8 @@ class AblateArgs(PresetArgs):
     axes: str = ""
     axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
     report_only: bool = False
+    publish: str = ""  # also copy the report, its pictures and --publish-videos videos here (e.g. docs/results/X)
+    publish_videos: int = 3
 
 
 @dataclass
@@ -354,6 +356,22 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
         raise RuntimeError(f"ablation jobs failed: {', '.join(failed)} (logs in {logs}); rerun to retry them")
 
 
+def _study_argv(argv: list[str]) -> list[str]:
+    """The study's own options: without those that only re-render or publish the report of the same study."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--report-only", "--no-report-only") or a.startswith(("--publish=", "--publish-videos=")):
+            continue
+        if a in ("--publish", "--publish-videos"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     from fastwam.train import parse_with_preset
 
@@ -366,7 +384,7 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
         (out / f"config_{cell}.json").write_text(cell_config(args.config, overrides).to_json() + "\n")
     # The study's command: without --report-only, which only re-renders the report of the same study.
-    command = ["fastwam", "ablate", *(a for a in argv if a not in ("--report-only", "--no-report-only"))]
+    command = ["fastwam", "ablate", *_study_argv(argv)]
     (out / "ablation.json").write_text(json.dumps({
         "command": " ".join(command),
         "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
@@ -378,6 +396,10 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     from fastwam.report import write_report
 
     report = write_report(out, runs, args)
+    if args.publish:
+        from fastwam.report import publish_report
+
+        print(f"[ablate] published: {publish_report(out, Path(args.publish), args.publish_videos)}")
     print(f"[ablate] done in {(time.time() - t0) / 60:.1f} min; report: {report}")
     videos = sorted(out.glob("eval/*/videos/*.mp4"))
     if videos:

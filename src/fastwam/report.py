@@ -264,3 +264,44 @@ def _training_curves(out: Path, runs: dict) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
+    """Copy a study's report into the repository's docs: report.md, its pictures, the study's own JSON (command,
+    cells, latencies) and `videos` rollout videos (imagination variants first, one per variant before a second),
+    then drop every link of the report whose target was not copied, so a committed report never points at a file
+    that is not in the repository. Returns the published report."""
+    import re
+    import shutil
+
+    out, dest = Path(out), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    keep = [p for pattern in ("*.png", "ablation.json", "cells.json", "latency*.json", "config_*.json")
+            for p in sorted(out.glob(pattern))]
+    found = sorted(out.glob("eval/**/videos/*.mp4"), key=lambda p: (not any(v in p.name for v in ("joint", "idm")),
+                                                                    p.name.split("_")[0], str(p)))
+    chosen, seen = [], set()
+    for p in found:  # one per variant first, then more
+        if p.name.split("_")[0] not in seen:
+            chosen.append(p)
+            seen.add(p.name.split("_")[0])
+    chosen += [p for p in found if p not in chosen]
+    for src in keep + chosen[:videos]:
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    text = (out / "report.md").read_text()
+    lines = []
+    for line in text.splitlines():
+        links = re.findall(r"\]\(([^)]+)\)", line) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", line)
+        if any(not link.startswith(("http", "#")) and not (dest / link).exists() for link in links):
+            continue
+        lines.append(line)
+    published = [f"- `{p.relative_to(out)}`" for p in chosen[:videos]]
+    if published:
+        lines += ["", "## Sample rollout videos", "",
+                  "Joint / IDM videos show the live frame, then for the latest plan the real future (top) and the "
+                  "imagined one (bottom).", "", *published]
+    report = dest / "report.md"
+    report.write_text("\n".join(lines).rstrip() + "\n")
+    return report
