@@ -40,6 +40,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("viz", "masks"): ("fastwam.viz:masks_cli", "draw each variant's attention mask"),
     ("import", "official"): ("fastwam.official:cli",
                              "an official Fast-WAM checkpoint (.pt) + dataset stats -> a fastwam run"),
+    ("import", "lerobot"): ("fastwam.lerobot_port:cli",
+                            "a Fast-WAM policy in LeRobot's format (local directory) -> a fastwam run"),
 }
 
 

@@ -276,32 +276,46 @@ def import_official(checkpoint: str | Path, out: str | Path, cfg: Config, preset
     is built on the meta device, the memory-mapped tensors are installed as its parameters, and the checkpoint writer
     streams them to disk.
     """
+    ckpt = read_official_checkpoint(checkpoint)
+    log(f"[import] {ckpt.path.name}: step {ckpt.step}, {ckpt.dtype or 'dtype not recorded'}, "
+        f"{len(ckpt.tensors)} tensors, {ckpt.nbytes() / 1e9:.2f} GB")
+    norm = read_official_stats(stats) if stats else None
+    if norm is None:
+        log("[import] no --stats: the run has no norm_stats.json (a policy needs one to un-normalise actions)")
+    return write_imported_run(ckpt.tensors, out, cfg, preset, norm, step=ckpt.step, source=str(ckpt.path),
+                              stats_source=str(stats), log=log)
+
+
+def write_imported_run(tensors: Mapping[str, torch.Tensor], out: str | Path, cfg: Config, preset: Config | None,
+                       norm: NormStats | None, *, step: int = 0, source: str = "checkpoint",
+                       stats_source: str = "stats", kept_from: str = "the preset / overrides", log=print) -> Path:
+    """The shared end of every importer: `tensors` (already in fastwam's names) + `norm` -> a run directory.
+
+    The model shapes come from the tensors (`infer_model_config`; the rest of `cfg.model` is kept), every tensor is
+    checked against a FastWAM built on the meta device (`check_shapes`) and the statistics against its action / state
+    sizes before anything is written; then the tensors (not copied) become the model's parameters and the checkpoint
+    writer saves them as RUN/checkpoints/step_N/.
+    """
     from fastwam.checkpoint import save_checkpoint
     from fastwam.model.fastwam import FastWAM
 
-    ckpt = read_official_checkpoint(checkpoint)
-    model_cfg, inferred = infer_model_config(ckpt.tensors, cfg.model, preset.model if preset else None)
-    log(f"[import] {ckpt.path.name}: step {ckpt.step}, {ckpt.dtype or 'dtype not recorded'}, "
-        f"{len(ckpt.tensors)} tensors, {ckpt.nbytes() / 1e9:.2f} GB")
+    model_cfg, inferred = infer_model_config(tensors, cfg.model, preset.model if preset else None)
     log("[import] read from the tensors: " + ", ".join(f"{k}={v}" for k, v in inferred.items()))
     kept = {f: getattr(model_cfg, f) for f in ("num_heads", "action_horizon", "latent_frames", "eps")}
-    log("[import] from the preset / overrides: " + ", ".join(f"{k}={v}" for k, v in kept.items()))
-    check_shapes(ckpt.tensors, model_cfg, str(ckpt.path))
+    log(f"[import] from {kept_from}: " + ", ".join(f"{k}={v}" for k, v in kept.items()))
+    check_shapes(tensors, model_cfg, source)
     cfg = cfg.replace(model=model_cfg)
     if cfg.data.action_horizon != model_cfg.action_horizon:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, action_horizon=model_cfg.action_horizon))
-    norm = read_official_stats(stats) if stats else None
     if norm is not None:
         for key, dim in (("action", model_cfg.action_dim), ("state", model_cfg.state_dim)):
             if norm.dim(key) != dim:
-                raise OfficialCheckpointError(f"{stats}: {key} statistics are {norm.dim(key)}-d but the checkpoint's "
-                                              f"{key} is {dim}-d")
-    else:
-        log("[import] no --stats: the run has no norm_stats.json (a policy needs one to un-normalise actions)")
+                raise OfficialCheckpointError(f"{stats_source}: {key} statistics are {norm.dim(key)}-d but the "
+                                              f"checkpoint's {key} is {dim}-d")
     with torch.device("meta"):
         model = FastWAM(model_cfg)
-    model.load_state_dict(ckpt.tensors, strict=True, assign=True)
-    final = save_checkpoint(out, ckpt.step, cfg, model, norm_stats=norm.to_dict() if norm is not None else None)
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
+    final = save_checkpoint(out, step, cfg, model, norm_stats=norm.to_dict() if norm is not None else None)
     log(f"[import] wrote {final}")
     return final
 
