@@ -8,8 +8,9 @@ official` turns both into an ordinary fastwam run directory (config.json, model.
 
 Safety and memory: the file is read with `torch.load(weights_only=True, mmap=True)` only — tensors and plain
 containers, never a general unpickler, so a file carrying a Python object is refused without running it — and its
-tensors stay memory-mapped: the 12 GB 5B checkpoint is streamed tensor by tensor into the safetensors file
-(`fastwam.safetensors_io`), never held twice. Shapes are checked against a model built on the meta device before
+tensors stay memory-mapped: they become the parameters of a model built on the meta device and safetensors (>= 0.8)
+writes them to disk straight from the mapping, so the 12 GB 5B checkpoint is never held twice (`fastwam bench memory
+--official`: peak RAM 0.86-1.0x the file). Shapes are checked against a model built on the meta device before
 anything is written.
 
 Key names (docs/reference.md, "The official checkpoint"): `mixtures.video.X` is the video expert in the original
