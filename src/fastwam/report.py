@@ -212,10 +212,9 @@ def _verdict(diffs: dict) -> str:
 
 
 def _bar_chart(out: Path, names: list[str], cells: dict) -> Path | None:
-    import matplotlib
+    from fastwam.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not names:
         return None
@@ -242,10 +241,9 @@ def _bar_chart(out: Path, names: list[str], cells: dict) -> Path | None:
 
 
 def _training_curves(out: Path, runs: dict) -> Path | None:
-    import matplotlib
+    from fastwam.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series = {}
     for name, info in runs.items():

@@ -221,10 +221,9 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
     pts = [p for p in points if p["video_params"] and p["cotrain"] is not None]
     if not pts:
         return None
-    import matplotlib
+    from fastwam.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts.sort(key=lambda p: p["video_params"])
     x = np.array([p["video_params"] / 1e6 for p in pts])
@@ -265,10 +264,9 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
 def _plot_map(out: Path, forest: list) -> Path | None:
     if not forest:
         return None
-    import matplotlib
+    from fastwam.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(forest) + 1.5))
     labels = []

@@ -19,6 +19,16 @@ class MasksArgs:
     actions: int = 6
 
 
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (headless machines, worker processes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def example_layout(variant_name: str, frames: int, per_frame: int, actions: int):
     """Token groups and first-frame flags of a small example sequence for a variant, plus labelled spans."""
     groups, first, spans = [], [], []
@@ -38,10 +48,7 @@ def example_layout(variant_name: str, frames: int, per_frame: int, actions: int)
 
 
 def draw_masks(out_dir: str | Path, frames: int = 3, per_frame: int = 4, actions: int = 6) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     titles = {
         "fast": "Fast-WAM: actions see only the clean first frame",
