@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -201,24 +203,78 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Rebuild a (nested) frozen dataclass from `asdict` output; unknown keys are an error, missing keys default."""
+def _from_dict(cls: type, d: Any, where: str = "") -> Any:
+    """Rebuild a (nested) frozen dataclass from `asdict` output; unknown keys are an error, missing keys default.
+
+    Every value is checked against its field's annotation (`int`, `float` (ints accepted), `bool`, `str`, `Literal`
+    choices, `tuple[...]` element types), because a config.json is edited by hand and a wrong type (`"3"` for 3)
+    would otherwise be accepted here and fail much later, far from its cause. Errors are `ConfigError`s naming the
+    dotted field path (`model.num_layers must be an int, got "2"`).
+    """
     if not isinstance(d, dict):
-        raise TypeError(f"expected a mapping for {cls.__name__}, got {type(d).__name__}")
+        raise ConfigError(f"{where or cls.__name__} must be a mapping (a JSON object), got {_shown(d)}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {cls.__name__} field(s): {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in d.items():
+        path = f"{where}.{name}" if where else name
         default = getattr(cls(), name) if _has_default(known[name]) else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = _from_dict(type(default), value, path)
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(hints[name], value, path)
     return cls(**kwargs)
+
+
+class ConfigError(ValueError):
+    """A config value that does not fit its field; the message names the dotted field path."""
+
+
+def _shown(value: Any) -> str:
+    """A value as it reads in JSON (`"2"`, `4.5`, `true`), cut short: what the user typed, not Python's repr."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _checked(annotation: Any, value: Any, path: str) -> Any:
+    """`value` converted to what `annotation` declares (JSON lists -> tuples, ints -> floats), or a ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        if type(value) is not bool:
+            raise ConfigError(f"{path} must be true or false, got {_shown(value)}")
+        return value
+    if annotation is int:
+        if type(value) is not int:  # bool is an int subclass, and 4.5 / "3" are not ints
+            raise ConfigError(f"{path} must be an int, got {_shown(value)}")
+        return value
+    if annotation is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {_shown(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {_shown(value)}")
+        return value
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            choices = ", ".join(json.dumps(a) for a in args)
+            raise ConfigError(f"{path} must be one of {choices}, got {_shown(value)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {_shown(value)}")
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        if not variadic and len(value) != len(args):
+            raise ConfigError(f"{path} must be a list of {len(args)} values, got {_shown(value)}")
+        types = [args[0]] * len(value) if variadic else list(args)
+        return tuple(_checked(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(types, value, strict=True)))
+    return tuple(value) if isinstance(value, list) else value  # an annotation this checker does not know: as given
 
 
 def _has_default(f: dataclasses.Field) -> bool:
