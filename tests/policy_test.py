@@ -165,3 +165,103 @@ def test_compiled_policy_gives_the_eager_actions(checkpoint, monkeypatch):
     obs = [_obs(eager, seed=i) for i in range(2)]
     for a, b in zip(eager.infer_batch(obs), compiled.infer_batch(obs)):
         np.testing.assert_array_equal(a["actions"], b["actions"])
+
+
+# --------------------------------------------------------------------------------------------- bounded work, metadata
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_metadata_names_the_checkpoint_without_paths_and_declares_limits(checkpoint):
+    from fastwam.serving import msgpack_numpy as mn
+
+    policy = FastWAMPolicy.from_pretrained(checkpoint)
+    meta = policy.metadata
+    assert str(checkpoint).encode() not in mn.packb(meta)
+    assert not [s for s in _strings(meta) if s.startswith("/") or "/tmp" in s or "\\" in s]
+    assert meta["checkpoint"] == f"{checkpoint.name}/step_0000003" and meta["checkpoint_step"] == 3
+    assert len(meta["checkpoint_sha256"]) == 16
+    for key in policy.camera_keys:
+        assert meta["observation_spec"][key]["max_shape"] == [256, 256, 3]  # max(256, 4 x the 8 px input)
+    assert meta["observation_spec"]["prompt"]["max_length"] == 1024
+
+
+def test_served_policy_refuses_images_and_prompts_beyond_its_declared_limits(checkpoint):
+    from fastwam.serving.client import ServerError, WebsocketClient
+    from fastwam.serving.server import PolicyServer
+
+    policy = FastWAMPolicy.from_pretrained(checkpoint, max_image_side=32, max_prompt_chars=20)
+    spec = policy.metadata["observation_spec"]
+    assert spec[policy.camera_keys[0]]["max_shape"] == [32, 32, 3] and spec["prompt"]["max_length"] == 20
+    largest = _obs(policy, prompt="x" * 20)
+    largest[policy.camera_keys[1]] = np.zeros((32, 32, 3), np.uint8)
+    too_wide = dict(largest, **{policy.camera_keys[1]: np.zeros((2, 33, 3), np.uint8)})
+    with PolicyServer(policy, "127.0.0.1", 0) as server:
+        with WebsocketClient(port=server.port) as client:
+            np.testing.assert_allclose(client.infer(largest)["actions"], policy.infer(largest)["actions"], atol=1e-5)
+        refused = [(too_wide, "has shape (2, 33, 3); this server accepts at most (32, 32, 3)"),
+                   (_obs(policy, prompt="x" * 21), "'prompt' is 21 characters long; this server accepts at most 20")]
+        for obs, message in refused:
+            with WebsocketClient(port=server.port) as client, pytest.raises(ServerError) as info:
+                client.infer(obs)
+            assert message in str(info.value)
+
+
+def test_wide_images_are_cropped_before_resizing(checkpoint, monkeypatch):
+    """resize_crop scales to cover the target first: a 2 x 100,000 image became 8 x 400,000 floats. The policy crops
+    such an image to at most 2x the target's aspect ratio first; ordinary images reach it untouched."""
+    from fastwam import policy as policy_module
+    from fastwam.policy import crop_to_aspect
+
+    wide = np.arange(2 * 640 * 3, dtype=np.int64).astype(np.uint8).reshape(2, 640, 3)
+    cropped = crop_to_aspect(wide, (8, 8))
+    assert cropped.shape == (2, 4, 3) and np.shares_memory(cropped, wide)  # a view: no copy of the excess
+    np.testing.assert_array_equal(cropped, wide[:, 318:322])
+    assert crop_to_aspect(wide.transpose(1, 0, 2), (8, 8)).shape == (4, 2, 3)
+    for shape in [(16, 20, 3), (480, 640, 3), (720, 1280, 3)]:  # every real camera: preprocessing stays training's
+        normal = np.zeros(shape, np.uint8)
+        assert crop_to_aspect(normal, (8, 8)) is normal
+
+    seen = []
+    real = policy_module.compose_cameras
+    monkeypatch.setattr(policy_module, "compose_cameras",
+                        lambda images, cfg: seen.append([i.shape for i in images]) or real(images, cfg))
+    policy = FastWAMPolicy.from_pretrained(checkpoint)
+    seen.clear()
+    obs = _obs(policy)
+    obs[policy.camera_keys[0]] = wide
+    assert np.isfinite(policy.infer(obs)["actions"]).all()
+    assert seen == [[(2, 4, 3), (16, 20, 3)]]
+
+
+def test_prompt_may_be_a_0d_string_array(checkpoint):
+    policy = FastWAMPolicy.from_pretrained(checkpoint)
+    as_str = policy.infer(_obs(policy, prompt="move the square right"))["actions"]
+    as_array = policy.infer(_obs(policy, prompt=np.asarray("move the square right")))["actions"]
+    np.testing.assert_array_equal(as_str, as_array)
+
+
+def test_text_embedding_cache_is_a_bounded_lru(checkpoint):
+    policy = FastWAMPolicy.from_pretrained(checkpoint, text_cache_entries=8)
+    first = policy.infer(_obs(policy, prompt="task 0"))["actions"]
+    for i in range(1, 40):
+        policy.infer(_obs(policy, prompt=f"task {i}"))
+    assert len(policy.text_cache) == 8 and "task 39" in policy.text_cache and "task 0" not in policy.text_cache
+    hits = policy.text_cache.hits
+    policy.infer(_obs(policy, prompt="task 39"))
+    assert policy.text_cache.hits == hits + 1
+    np.testing.assert_array_equal(policy.infer(_obs(policy, prompt="task 0"))["actions"], first)  # re-encoded alike
+    small = FastWAMPolicy.from_pretrained(checkpoint, text_cache_mb=2e-3)  # ~2 KB: a handful of tiny embeddings
+    for i in range(40):
+        small.infer(_obs(small, prompt=f"task {i}"))
+    assert small.text_cache.nbytes <= 2e-3 * 2**20 and 1 <= len(small.text_cache) < 40

@@ -263,7 +263,7 @@ _DROP = object()
             {"observation__state": np.full(8, 1e300)},
             "'observation/state' contains 8 non-finite",
         ),  # float64 -> f32 overflow
-        ({"prompt": 42}, "'prompt' must be a string, got int"),
+        ({"prompt": 42}, "'prompt' must be a string (or a 0-d numpy string array), got int"),
         ({"mode": 3}, "'mode' must be a string, got int"),
     ],
 )

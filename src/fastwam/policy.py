@@ -7,10 +7,16 @@ embeddings. Observations use the openpi convention: camera `observation.images.X
 
 Sampling is deterministic: every observation's noise comes from a generator seeded with the policy's seed, so a
 batch of B observations gives the same actions as B single calls, in-process or over the wire.
+
+Bounded work per request: `metadata` declares the largest image side (`max_image_side`) and prompt length
+(`max_prompt_chars`) a client may send, and `fastwam serve` refuses anything beyond them before the policy sees it
+(in-process callers are trusted and not limited). Whatever its size, an image far wider or taller than the model's
+input is centre-cropped before resizing (`crop_to_aspect`), and prompt embeddings are cached in a bounded LRU.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -18,15 +24,50 @@ import numpy as np
 import torch
 
 from fastwam import checkpoint as ckpt_io
+from fastwam import validate
 from fastwam.config import Config
 from fastwam.data.normalize import Normalizer, NormStats
-from fastwam.data.transforms import compose_cameras
+from fastwam.data.transforms import camera_sizes, compose_cameras
+from fastwam.lru import LRUCache
 from fastwam.model.codecs import build_codec
 from fastwam.model.fastwam import FastWAM
 from fastwam.model.text import build_text_encoder
 from fastwam.model.visibility import MODE_RULES, get_variant
+from fastwam.serving.protocol import as_text
 
 STATE_KEY, PROMPT_KEY = "observation/state", "prompt"
+MAX_PROMPT_CHARS = 1024  # LIBERO's longest instruction is ~100; the encoders read 16-128 words / tokens of it anyway
+MAX_ASPECT = 2.0  # images more than this much wider / taller than the model's input are cropped before resizing
+
+
+def default_max_image_side(image_size: tuple[int, int]) -> int:
+    """Largest camera side a server accepts by default: 4x the model's input side, at least 256 (LIBERO 224 -> 896).
+
+    Resizing costs ~10 ns per pixel and camera on the 2-core VM, all of it on the one policy thread that every
+    client waits for: two 640 x 640 images cost ~12 ms (decode + resize), more than a whole `tiny` inference, and
+    a bystander's latency doubled. Clients resize to `preferred_shape` anyway (openpi, LIBERO, RoboTwin, Meta-World);
+    `fastwam serve --max-image-side` raises the bound for one that cannot.
+    """
+    return max(256, 4 * max(image_size))
+
+
+def crop_to_aspect(image: np.ndarray, size: tuple[int, int], max_ratio: float = MAX_ASPECT) -> np.ndarray:
+    """A centre-cropped view of `image` ([H, W, 3]) at most `max_ratio` x wider or taller than `size` = (h, w).
+
+    Why: `resize_crop` scales an image to *cover* its target before the centre crop, so a 2 x 100,000 image became
+    8 x 400,000 floats (GBs for a 598 KiB request). Cropping the excess first bounds the resized image to
+    `max_ratio` x the target's area. Images within the ratio (every real camera) are returned unchanged, so their
+    preprocessing stays exactly training's.
+    """
+    h, w = image.shape[:2]
+    th, tw = size
+    if w * th > max_ratio * h * tw:  # too wide
+        keep = max(1, int(max_ratio * h * tw / th))
+        return image[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    if h * tw > max_ratio * w * th:  # too tall
+        keep = max(1, int(max_ratio * w * th / tw))
+        return image[(h - keep) // 2 : (h - keep) // 2 + keep]
+    return image
 
 
 def camera_obs_key(dataset_key: str) -> str:
@@ -61,7 +102,18 @@ class FastWAMPolicy:
         checkpoint: str = "",
         dtype: str | torch.dtype = "auto",
         compile: bool = False,
+        *,
+        checkpoint_info: dict | None = None,
+        max_image_side: int = 0,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
+        text_cache_entries: int = 1024,
+        text_cache_mb: float = 256.0,
     ):
+        """`checkpoint`: a display name for `metadata` (never a path: metadata goes to every client);
+        `checkpoint_info`: its step / sha256 (`validate.checkpoint_identity`). `max_image_side` (0 =
+        `default_max_image_side`) and `max_prompt_chars`: the limits `metadata` declares to clients. The
+        prompt-embedding cache keeps at most `text_cache_entries` prompts and `text_cache_mb` MiB (least recently
+        used go first)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -75,38 +127,51 @@ class FastWAMPolicy:
         self._check_mode(self.mode)
         self.seed = seed
         self.checkpoint = checkpoint
+        self.checkpoint_info = dict(checkpoint_info or {})
         if not cfg.data.cameras:
             raise ValueError("the checkpoint's config names no cameras (data.cameras is empty)")
         self.camera_keys = [camera_obs_key(k) for k in cfg.data.cameras]
+        self.max_image_side = int(max_image_side) or default_max_image_side(cfg.data.image_size)
+        self.max_prompt_chars = int(max_prompt_chars)
+        self.text_cache: LRUCache[str, torch.Tensor] = LRUCache(
+            text_cache_entries, int(text_cache_mb * 2**20),
+            lambda text, emb: emb.element_size() * emb.nelement() + sys.getsizeof(text),
+        )
 
     # -----------------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, mode: str | None = None, device: str | None = None, seed: int = 0, use_ema: bool = True,
-        dtype: str | torch.dtype = "auto", compile: bool = False,
+        dtype: str | torch.dtype = "auto", compile: bool = False, **limits,
     ) -> FastWAMPolicy:
-        """Load a checkpoint directory (or a run directory: its latest checkpoint) from local disk only."""
-        ckpt = ckpt_io.resolve_checkpoint(path)
-        cfg = ckpt_io.load_config(ckpt)
-        stats = ckpt_io.load_norm_stats(ckpt)
-        if stats is None:
-            raise ckpt_io.CheckpointError(f"{ckpt} has no {ckpt_io.NORM_STATS}: cannot un-normalise actions")
+        """Load a checkpoint directory (or a run directory: its latest checkpoint) from local disk only.
+
+        Everything is validated here (`fastwam.validate`): config types and ranges, finite norm stats of the model's
+        dimensions, complete and finite weights, and one blank inference. A bad checkpoint raises
+        `CheckpointError` with one line naming the file and field, instead of failing every request later.
+        `limits` (max_image_side, max_prompt_chars, text_cache_entries, text_cache_mb) go to the constructor.
+        """
+        checked = validate.load_checked(path, use_ema=use_ema)
         with torch.device("meta"):  # no random initialisation of weights that are about to be replaced
-            model = FastWAM(cfg.model)
-        weights = ckpt / ckpt_io.EMA if use_ema and (ckpt / ckpt_io.EMA).is_file() else ckpt / ckpt_io.WEIGHTS
-        ckpt_io.load_weights(model, weights, assign=True)
+            model = FastWAM(checked.config.model)
+        ckpt_io.load_weights(model, checked.weights, assign=True)
+        validate.check_finite_weights(model, checked.weights)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(cfg, model, stats, mode=mode, device=device, seed=seed, checkpoint=str(ckpt), dtype=dtype,
-                   compile=compile)
+        policy = cls(checked.config, model, checked.norm_stats, mode=mode, device=device, seed=seed,
+                     checkpoint=checked.identity["name"], dtype=dtype, compile=compile,
+                     checkpoint_info=checked.identity, **limits)
+        validate.check_inference(policy, checked.path)
+        return policy
 
     @property
     def metadata(self) -> dict:
         h, w = self.cfg.data.image_size
-        spec = {key: {"shape": [-1, -1, 3], "dtype": "uint8", "preferred_shape": [h, w, 3]}
-                for key in self.camera_keys}
+        side = self.max_image_side
+        spec = {key: {"shape": [-1, -1, 3], "dtype": "uint8", "preferred_shape": [h, w, 3],
+                      "max_shape": [side, side, 3]} for key in self.camera_keys}
         spec[STATE_KEY] = {"shape": [self.cfg.model.state_dim], "dtype": "float32"}
-        spec[PROMPT_KEY] = {"shape": [], "dtype": "str"}
+        spec[PROMPT_KEY] = {"shape": [], "dtype": "str", "max_length": self.max_prompt_chars}
         return {
             "policy": "fastwam",
             "observation_spec": spec,
@@ -117,18 +182,26 @@ class FastWAMPolicy:
             "inference_steps": self.cfg.inference.steps,
             # Actions are predicted at the dataset's control rate; video frames are `frame_stride` steps apart.
             "frame_stride": self.cfg.data.frame_stride,
+            # A name, step and content hash, never a path: metadata is sent to every client.
             "checkpoint": self.checkpoint,
+            "checkpoint_step": self.checkpoint_info.get("step"),
+            "checkpoint_sha256": self.checkpoint_info.get("sha256"),
         }
 
     def warmup(self, batch_sizes=(1,), mode: str | None = None) -> None:
         """Run blank observations of each batch size once: with `compile`, this is when the graphs are built (slow),
         so that no real request pays for it."""
-        h, w = self.cfg.data.image_size
-        obs = {key: np.zeros((h, w, 3), np.uint8) for key in self.camera_keys}
-        obs[STATE_KEY] = np.zeros(self.cfg.model.state_dim, np.float32)
-        obs[PROMPT_KEY] = "warm up"
+        obs = self.blank_observation()
         for b in batch_sizes:
             self.infer_batch([obs] * b, mode=mode)
+
+    def blank_observation(self) -> dict:
+        """Black images of the model's size, a zero state and a short prompt (warm-up, load-time check)."""
+        h, w = self.cfg.data.image_size
+        obs: dict = {key: np.zeros((h, w, 3), np.uint8) for key in self.camera_keys}
+        obs[STATE_KEY] = np.zeros(self.cfg.model.state_dim, np.float32)
+        obs[PROMPT_KEY] = "warm up"
+        return obs
 
     def reset(self) -> None:
         """Episode boundary. The policy keeps no per-episode state (each chunk is conditioned on one frame)."""
@@ -161,8 +234,8 @@ class FastWAMPolicy:
             raise ValueError(f"{STATE_KEY!r} must have shape [{self.cfg.model.state_dim}], got {list(state.shape)}")
         if not np.isfinite(state).all():
             raise ValueError(f"{STATE_KEY!r} contains NaN or inf")
-        prompt = obs.get(PROMPT_KEY)
-        if not isinstance(prompt, str) or not prompt.strip():
+        prompt = as_text(obs.get(PROMPT_KEY))
+        if prompt is None or not prompt.strip():
             raise ValueError(f"{PROMPT_KEY!r} must be a non-empty string")
 
     @torch.no_grad()
@@ -174,14 +247,17 @@ class FastWAMPolicy:
         for obs in observations:
             self.validate(obs)
         t0 = time.perf_counter()
+        sizes = camera_sizes(self.cfg.data, len(self.camera_keys))
         frames = torch.stack([
-            compose_cameras([obs[k] for k in self.camera_keys], self.cfg.data) for obs in observations
+            compose_cameras([crop_to_aspect(obs[k], size) for k, size in zip(self.camera_keys, sizes, strict=True)],
+                            self.cfg.data)
+            for obs in observations
         ]).to(self.device)
         first = self.codec.encode(frames[:, :, None]).to(self.dtype)
         # np.stack copies, so read-only request buffers (msgpack decodes to them) are never wrapped by torch.
         state = torch.from_numpy(np.stack([np.asarray(obs[STATE_KEY], dtype=np.float32) for obs in observations]))
         state = self.normalizer.normalize("state", state).to(self.device, self.dtype)
-        text = self.text_encoder([obs[PROMPT_KEY] for obs in observations]).to(self.device, self.dtype)
+        text = torch.stack([self._embed(as_text(obs[PROMPT_KEY])) for obs in observations]).to(self.device, self.dtype)
         m = self.cfg.model
         noise = [self._noise(first) for _ in observations]
         out = self.model.sample(
@@ -204,6 +280,15 @@ class FastWAMPolicy:
 
     def infer(self, obs: dict, mode: str | None = None, return_video: bool = False) -> dict:
         return self.infer_batch([obs], mode=mode, return_video=return_video)[0]
+
+    def _embed(self, prompt: str) -> torch.Tensor:
+        """The prompt's text embedding, through the bounded LRU (`text_cache`) rather than the encoder's own cache,
+        which keeps every prompt it ever saw (fine for training's few instructions, not for a server's clients)."""
+        emb = self.text_cache.get(prompt)
+        if emb is None:
+            emb = self.text_encoder.encode_one(prompt)
+            self.text_cache.put(prompt, emb)
+        return emb
 
     def _noise(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-observation noise from the policy seed (batch-size independent)."""

@@ -3,12 +3,15 @@
 Wire protocol (see docs/reference.md, "Serving wire format"):
 
 1. On connect the server sends one binary message: the policy's `metadata` (msgpack), e.g.
-   `{"observation_spec": {"observation/image": {"shape": [224, 224, 3], "dtype": "uint8"}, ...,
-   "prompt": {"shape": [], "dtype": "str"}}, "action_shape": [32, 7], "mode": "fast", "checkpoint": "...",
-   "server": {...}}`.
+   `{"observation_spec": {"observation/image": {"shape": [-1, -1, 3], "dtype": "uint8", "preferred_shape":
+   [224, 224, 3], "max_shape": [896, 896, 3]}, ..., "prompt": {"shape": [], "dtype": "str", "max_length": 1024}},
+   "action_shape": [32, 7], "mode": "fast", "checkpoint": "run/step_0020000", "server": {...}}`. It never holds a
+   filesystem path of the server's.
 2. Each binary message from the client is one request, a msgpack map:
    - an observation: every key of `observation_spec` with the declared dtype and shape (`None` / `-1` in a spec
-     shape matches any length). Float arrays may come as any float width (LIBERO sends float64 state); they are
+     shape matches any length up to `max_shape`, when the spec gives one: per-request work stays bounded).
+     Strings: a str, or a 0-d numpy string array (openpi's own server accepts both), at most `max_length`
+     characters. Float arrays may come as any float width (LIBERO sends float64 state); they are
      cast to the declared dtype. Integer / bool arrays must match exactly (a float image is a bug, not a cast).
      Optional `"mode": "fast" | "joint" | "idm"` picks the inference mode for this request, and
      `"return_video": True` asks a joint / IDM policy for its imagined frames (reply key `"imagined"`). Other keys
@@ -39,6 +42,8 @@ __all__ = [
     "InferRequest",
     "Policy",
     "ProtocolError",
+    "as_text",
+    "describe_error",
     "example_observation",
     "parse_observation_spec",
     "parse_request",
@@ -59,10 +64,12 @@ class Policy(Protocol):
     """What the server drives. `fastwam.policy.FastWAMPolicy` implements it; so do the test doubles.
 
     `metadata` is JSON-able: `{"observation_spec": {key: {"shape": [...], "dtype": "uint8" | "float32" | "str"}},
-    "action_shape": [H, D], "mode": "fast", "checkpoint": "..."}` and optionally `"modes": [...]` (accepted
-    per-request modes). `infer_batch` gets observations that already passed `validate_observation` and returns one
-    dict per observation, each with `"actions"` (float32 [H, D]); it raises `ValueError` with a clear message on
-    input it cannot use. It may also accept `return_video: bool`; the server passes it only when a request asks.
+    "action_shape": [H, D], "mode": "fast", "checkpoint": "<a name, not a path>"}` and optionally `"modes": [...]`
+    (accepted per-request modes); a spec entry may bound free dimensions with `"max_shape"` and strings with
+    `"max_length"`, and the server enforces both before the policy sees the request. `infer_batch` gets
+    observations that already passed `validate_observation` and returns one dict per observation, each with
+    `"actions"` (float32 [H, D]); it raises `ValueError` with a clear message on input it cannot use. It may also
+    accept `return_video: bool`; the server passes it only when a request asks.
     """
 
     metadata: dict
@@ -78,12 +85,24 @@ class ProtocolError(ValueError):
     """A request that breaks the protocol; the message is sent to the client verbatim."""
 
 
+def describe_error(exc: BaseException) -> str:
+    """`Type: message`, never an empty reason: some exceptions (msgpack's FormatError, a bare AssertionError) carry
+    no text, and an error line without its reason helps nobody."""
+    text = str(exc).strip()
+    if not text:
+        doc = (type(exc).__doc__ or "").strip().splitlines()
+        text = doc[0].rstrip(".") if doc else "no detail given"
+    return f"{type(exc).__name__}: {text}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FieldSpec:
     key: str
     shape: tuple[int | None, ...]  # None = any length
     dtype: str  # "str" or a numpy dtype name ("uint8", "float32", ...)
     preferred_shape: tuple[int, ...] | None = None  # what the policy resizes to, if it accepts any size
+    max_shape: tuple[int, ...] | None = None  # upper bound of every dimension (free ones included)
+    max_length: int | None = None  # strings: most characters accepted
 
     @property
     def is_str(self) -> bool:
@@ -93,7 +112,8 @@ class FieldSpec:
         if self.is_str:
             return "a string"
         dims = ", ".join("*" if d is None else str(d) for d in self.shape)
-        return f"{self.dtype} array of shape ({dims}{',' if len(self.shape) == 1 else ''})"
+        bound = f" up to {self.max_shape}" if self.max_shape is not None and None in self.shape else ""
+        return f"{self.dtype} array of shape ({dims}{',' if len(self.shape) == 1 else ''}){bound}"
 
 
 def parse_observation_spec(metadata: dict) -> dict[str, FieldSpec]:
@@ -116,11 +136,25 @@ def parse_observation_spec(metadata: dict) -> dict[str, FieldSpec]:
         preferred = entry.get("preferred_shape")
         if not (isinstance(preferred, (list, tuple)) and len(preferred) == len(shape)):
             preferred = None
+        max_shape = entry.get("max_shape")
+        if max_shape is not None and not (
+            isinstance(max_shape, (list, tuple))
+            and len(max_shape) == len(shape)
+            and all(type(d) is int and d >= 1 for d in max_shape)
+        ):
+            raise ValueError(
+                f"observation_spec[{key!r}] max_shape must be {len(shape)} positive ints, got {max_shape!r}"
+            )
+        max_length = entry.get("max_length")
+        if max_length is not None and not (type(max_length) is int and max_length >= 1):
+            raise ValueError(f"observation_spec[{key!r}] max_length must be a positive int, got {max_length!r}")
         specs[key] = FieldSpec(
             key,
             tuple(None if d is None or d < 0 else d for d in shape),
             str(dtype),
             tuple(int(d) for d in preferred) if preferred is not None else None,
+            tuple(max_shape) if max_shape is not None else None,
+            max_length,
         )
     for reserved in (MODE_KEY, RETURN_VIDEO_KEY):
         if reserved in specs:
@@ -128,12 +162,29 @@ def parse_observation_spec(metadata: dict) -> dict[str, FieldSpec]:
     return specs
 
 
+def as_text(value: Any) -> str | None:
+    """A str, or the text of a 0-d numpy string array (openpi clients may send `np.asarray(prompt)`); else None."""
+    if isinstance(value, str):  # np.str_ is a str subclass
+        return str(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind == "U":
+        return str(value.item())
+    return None
+
+
 def _validate_field(spec: FieldSpec, value: Any) -> Any:
     key = spec.key
     if spec.is_str:
-        if not isinstance(value, str):  # np.str_ is a str subclass
-            raise ProtocolError(f"observation key {key!r} must be a string, got {_type_name(value)}")
-        return str(value)
+        text = as_text(value)
+        if text is None:
+            raise ProtocolError(
+                f"observation key {key!r} must be a string (or a 0-d numpy string array), got {_type_name(value)}"
+            )
+        if spec.max_length is not None and len(text) > spec.max_length:
+            raise ProtocolError(
+                f"observation key {key!r} is {len(text)} characters long; this server accepts at most "
+                f"{spec.max_length}"
+            )
+        return text
     if not isinstance(value, np.ndarray):
         raise ProtocolError(f"observation key {key!r} must be a numpy {spec.describe()}, got {_type_name(value)}")
     want = np.dtype(spec.dtype)
@@ -141,6 +192,11 @@ def _validate_field(spec: FieldSpec, value: Any) -> Any:
         d is not None and d != v for d, v in zip(spec.shape, value.shape, strict=True)
     ):
         raise ProtocolError(f"observation key {key!r} has shape {value.shape}; expected {spec.describe()}")
+    if spec.max_shape is not None and any(v > m for v, m in zip(value.shape, spec.max_shape, strict=True)):
+        hint = f" (the policy works at {spec.preferred_shape}: resize before sending)" if spec.preferred_shape else ""
+        raise ProtocolError(
+            f"observation key {key!r} has shape {value.shape}; this server accepts at most {spec.max_shape}{hint}"
+        )
     if want.kind == "f":
         if value.dtype.kind != "f":
             raise ProtocolError(
