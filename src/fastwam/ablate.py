@@ -66,8 +66,20 @@ class AblateArgs(PresetArgs):
 class Job:
     name: str
     cmd: list[str]
-    done: Path  # the job is complete when this file exists
+    done: Path  # the job is complete when this file exists (and, for results.json, is not marked partial)
     after: tuple[str, ...] = ()
+
+    def is_done(self) -> bool:
+        """The output exists and is whole: an evaluation stopped by Ctrl-C writes results.json marked partial, which
+        a rerun must redo, not skip."""
+        if not self.done.exists():
+            return False
+        if self.done.name != "results.json":
+            return True
+        try:
+            return json.loads(self.done.read_text()).get("partial") is not True
+        except (OSError, ValueError, AttributeError):
+            return False
 
 
 def _py() -> list[str]:
@@ -307,8 +319,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending = [j for j in jobs if not j.done.exists()]
-    done = {j.name for j in jobs if j.done.exists()}
+    pending = [j for j in jobs if not j.is_done()]
+    done = {j.name for j in jobs} - {j.name for j in pending}
     for j in jobs:
         if j.name in done:
             print(f"[ablate] {j.name}: done already, skipping")
@@ -327,7 +339,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
                 del running[name]
                 (logs / f"{name}.pid").unlink(missing_ok=True)
                 job = next(j for j in jobs if j.name == name)
-                if proc.returncode == 0 and job.done.exists():
+                if proc.returncode == 0 and job.is_done():
                     done.add(name)
                     print(f"[ablate] {name}: finished in {(time.time() - t0) / 60:.1f} min")
                 else:

@@ -24,7 +24,9 @@ def _load_results(runs: dict) -> dict[str, dict]:
     for name, info in runs.items():
         path = Path(info["eval_dir"]) / "results.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            results = json.loads(path.read_text())
+            if not results.get("partial"):  # an evaluation stopped by Ctrl-C: not a result until it is rerun
+                out[name] = results
     return out
 
 

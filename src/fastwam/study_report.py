@@ -47,8 +47,9 @@ def load(runs: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
             continue
         for cond, eval_dir in info.get("evals", {}).items():
             path = Path(eval_dir) / "results.json"
-            if path.is_file():
-                table.setdefault((info["cell"], info["variant"], cond), {})[info["seed"]] = json.loads(path.read_text())
+            results = json.loads(path.read_text()) if path.is_file() else {"partial": True}
+            if not results.get("partial"):  # an evaluation stopped by Ctrl-C is not a result until it is rerun
+                table.setdefault((info["cell"], info["variant"], cond), {})[info["seed"]] = results
     return table
 
 

@@ -12,18 +12,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import signal
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from fastwam import checkpoint as ckpt_io
+from fastwam import interrupt
 from fastwam.config import Config
 from fastwam.errors import UserError
 
@@ -144,32 +140,11 @@ class MetricsLog:
             f.write(json.dumps(entry) + "\n")
 
 
-class StopRequest:
+class StopRequest(interrupt.StopRequest):
     """Set by Ctrl-C (SIGINT) while installed: the training loop stops after its current step and saves.
 
     A second Ctrl-C raises KeyboardInterrupt at once (the CLI reports it in one line). Outside the main thread no
     handler can be installed and Ctrl-C keeps its default behaviour.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
-
-        signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    message = "Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)"
