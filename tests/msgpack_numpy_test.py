@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -118,8 +120,17 @@ def _tagged(data: bytes, dtype: str, shape) -> bytes:
     ],
 )
 def test_unpack_rejects_malformed(payload: bytes, match: str) -> None:
-    with pytest.raises(mn.MsgpackNumpyError, match=match):
+    with pytest.raises(mn.MsgpackNumpyError, match=match) as info:
         mn.unpackb(payload)
+    assert not re.search(r"\(\w+: \)", str(info.value)), str(info.value)  # every error says what was wrong
+
+
+def test_msgpack_errors_without_text_get_a_reason() -> None:
+    # msgpack's FormatError and StackError carry no message ("invalid msgpack (FormatError: )" said nothing).
+    with pytest.raises(mn.MsgpackNumpyError, match=r"FormatError: a byte that starts no msgpack value"):
+        mn.unpackb(b"\xc1")
+    with pytest.raises(mn.MsgpackNumpyError, match=r"StackError: containers nested deeper than msgpack's limit"):
+        mn.unpackb(b"\x91" * 5000 + b"\x00")
 
 
 # ----------------------------------------------------------------------------- openpi-client compatibility

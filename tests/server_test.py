@@ -5,23 +5,24 @@ Loopback only (127.0.0.1, ephemeral ports); every wait has a timeout and every l
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
+import os
 import socket
-import struct
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 from fake_policy import REJECTED_PROMPT, FakePolicy, make_observation
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from fastwam.serving import msgpack_numpy as mn
 from fastwam.serving.client import ServerError, WebsocketClient
+from fastwam.serving.fuzz import KINDS, exchange, frame, fuzz_cases, raw_websocket, run_fuzz
 from fastwam.serving.protocol import ProtocolError, example_observation, parse_observation_spec, validate_observation
 from fastwam.serving.server import PolicyServer, policy_thread
 from fastwam.serving.testing import ZeroPolicy
@@ -50,65 +51,11 @@ def _wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
         time.sleep(0.005)
 
 
-def exchange(port: int, payload: bytes | str) -> tuple[object, int | None, str]:
-    """Connect, read the metadata, send one frame; return (first reply or None, close code, close reason).
-
-    A binary (successful) reply returns at once with code None; otherwise waits for the server's close."""
-    reply: object = None
-    with connect(f"ws://127.0.0.1:{port}", max_size=None, open_timeout=TIMEOUT, close_timeout=2) as ws:
-        ws.recv(timeout=TIMEOUT)
-        try:
-            ws.send(payload)
-            reply = ws.recv(timeout=TIMEOUT)
-            if isinstance(reply, bytes):
-                return reply, None, ""
-            ws.recv(timeout=TIMEOUT)  # the close that follows an error text
-        except ConnectionClosed as exc:
-            return reply, (exc.rcvd.code if exc.rcvd else None), (exc.rcvd.reason if exc.rcvd else "")
-        except OSError:  # the server may drop the TCP stream while a big frame is still being written
-            return reply, None, ""
-    raise AssertionError(f"server neither replied with data nor closed after an error: {reply!r:.200}")
-
-
 def _error(port: int, payload: bytes | str) -> str:
     reply, code, _ = exchange(port, payload)
     assert code == 1011, (code, reply)
     assert isinstance(reply, str) and reply.startswith("error:"), reply
     return reply
-
-
-# --------------------------------------------------------------------------- raw sockets (half-sent frames etc.)
-
-
-def _raw_websocket(port: int, key: bytes) -> socket.socket:
-    """A hand-made websocket handshake, so a test can send partial frames and drop the TCP stream."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(key).decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head and len(head) < 65536:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head[:100]
-    return sock
-
-
-def _frame(payload: bytes, opcode: int = 2, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + masked
 
 
 # --------------------------------------------------------------------------- basics
@@ -392,8 +339,8 @@ def test_client_leaving_mid_request_does_not_break_its_batch() -> None:
         holder.start()
         assert policy.entered.wait(TIMEOUT)
         # A client that sends a request and drops the TCP stream without a close handshake.
-        sock = _raw_websocket(server.port, b"k" * 16)
-        sock.sendall(_frame(mn.packb(make_observation(1))))
+        sock = raw_websocket(server.port, b"k" * 16)
+        sock.sendall(frame(mn.packb(make_observation(1))))
         sock.close()
         stayer = WebsocketClient(port=server.port)
         result: dict = {}
@@ -415,106 +362,19 @@ def test_client_leaving_mid_request_does_not_break_its_batch() -> None:
 # --------------------------------------------------------------------------- fuzz
 
 
-def _fuzz_cases(rng: np.random.Generator, n: int) -> list[tuple[str, object]]:
-    """(kind, payload) pairs; kinds decide what a correct server response is."""
-    good = mn.packb(make_observation(0))
-    keys = ["observation/image", "observation/wrist_image", "observation/state", "prompt"]
-    cases: list[tuple[str, object]] = []
-    for i in range(n):
-        obs = make_observation(int(rng.integers(1000)))
-        kind = i % 16
-        if kind == 0:
-            cases.append(("error", rng.bytes(int(rng.integers(0, 300)))))  # random bytes
-        elif kind == 1:
-            cases.append(("error", good[: int(rng.integers(1, len(good) - 1))]))  # truncated msgpack
-        elif kind == 2:
-            value = [1, "x", None, 2.5, [1, 2], b"bin", True][int(rng.integers(7))]
-            cases.append(("error", mn.packb(value)))  # not a map
-        elif kind == 3:
-            drop = [k for k in keys if rng.random() < 0.5] or [keys[int(rng.integers(4))]]
-            cases.append(("error", mn.packb({k: v for k, v in obs.items() if k not in drop})))
-        elif kind == 4:
-            key = keys[int(rng.integers(3))]
-            shape = tuple(int(d) for d in rng.integers(0, 20, size=int(rng.integers(0, 4))))
-            if shape == obs[key].shape:
-                shape = (*shape, 2)
-            cases.append(("error", mn.packb({**obs, key: np.zeros(shape, obs[key].dtype)})))
-        elif kind == 5:
-            key = keys[int(rng.integers(3))]
-            dtype = [np.int16, np.int64, np.float64, np.bool_, np.uint16, np.int8][int(rng.integers(6))]
-            if key == "observation/state" and dtype == np.float64:
-                dtype = np.int32
-            cases.append(("error", mn.packb({**obs, key: np.zeros(obs[key].shape, dtype)})))
-        elif kind == 6:
-            state = obs["observation/state"].copy()
-            state[int(rng.integers(len(state)))] = [np.nan, np.inf, -np.inf][int(rng.integers(3))]
-            cases.append(("error", mn.packb({**obs, "observation/state": state})))
-        elif kind == 7:
-            shape = [int(x) for x in rng.integers(2**20, 2**40, size=3)]
-            fake = {b"__ndarray__": True, b"data": b"\0" * 16, b"dtype": "|u1", b"shape": shape}
-            cases.append(("error", msgpack.packb({**obs, "observation/image": fake}, default=mn.pack_array)))
-        elif kind == 8:
-            cases.append(("1009", rng.bytes(MAX_MESSAGE_BYTES + int(rng.integers(1, 4096)))))  # oversized frame
-        elif kind == 9:
-            cases.append(("error", "".join(chr(int(c)) for c in rng.integers(32, 127, size=int(rng.integers(1, 50))))))
-        elif kind == 10:
-            cases.append(("drop", mn.packb(obs)))  # valid request, then the client vanishes
-        elif kind == 11:
-            flipped = bytearray(good)
-            for _ in range(int(rng.integers(1, 4))):
-                flipped[int(rng.integers(len(flipped)))] ^= 1 << int(rng.integers(8))
-            cases.append(("maybe", bytes(flipped)))  # may still be valid (a flipped pixel): any sane answer
-        elif kind == 12:
-            weird = [{"__ctrl__": 5}, {"reset": "yes"}, {1: 2}, {"mode": None, **obs}, {"prompt": obs["prompt"]}]
-            cases.append(("error", msgpack.packb(weird[int(rng.integers(len(weird)))], default=mn.pack_array)))
-        elif kind == 13:
-            bad_dtype = ["|O", "V4", "<c16", "zz", "<f4,|O"][int(rng.integers(5))]
-            fake = {b"__ndarray__": True, b"data": b"\0" * 32, b"dtype": bad_dtype, b"shape": [2]}
-            cases.append(("error", msgpack.packb({**obs, "observation/state": fake}, default=mn.pack_array)))
-        elif kind == 14:
-            cases.append(("half_frame", mn.packb(obs)))  # disconnect in the middle of a frame
-        else:
-            cases.append(("tcp_junk", rng.bytes(int(rng.integers(1, 200)))))  # not even HTTP
-    return cases
-
-
 def test_fuzz_leaves_server_serving(served) -> None:
+    """Every kind of hostile message (see `fastwam.serving.fuzz`) gets its correct answer, with a reason in every
+    error text, while a bystander stays connected and keeps getting exactly its own actions."""
     server, policy = served
     rng = np.random.default_rng(1234)
-    cases = _fuzz_cases(rng, 336)
-    start = time.monotonic()
-    with WebsocketClient(port=server.port) as bystander:  # stays connected through the fuzz: must be unaffected
-        for index, (kind, payload) in enumerate(cases):
-            if kind == "tcp_junk":
-                with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
-                    sock.sendall(payload + b"\r\n\r\n")
-                    sock.recv(4096)  # websockets answers a bad HTTP request and closes
-            elif kind in ("drop", "half_frame"):
-                sock = _raw_websocket(server.port, rng.bytes(16))
-                frame = _frame(payload)
-                sock.sendall(frame if kind == "drop" else frame[: len(frame) // 2])
-                sock.close()
-            else:
-                reply, code, _ = exchange(server.port, payload)
-                if kind == "error":
-                    assert code == 1011 and isinstance(reply, str) and reply.startswith("error:"), (index, code, reply)
-                elif kind == "1009":
-                    assert code in (1009, None), (index, code)
-                else:  # "maybe": a valid reply or a clean error
-                    assert isinstance(reply, bytes) or (code == 1011 and str(reply).startswith("error:")), (
-                        index,
-                        reply,
-                    )
-            if index % 48 == 0:
-                obs = make_observation(index)
-                np.testing.assert_array_equal(bystander.infer(obs)["actions"], _expected(policy, obs))
-        obs = make_observation(99)
-        np.testing.assert_array_equal(bystander.infer(obs)["actions"], _expected(policy, obs))
+    cases = fuzz_cases(rng, KINDS * 18, server.metadata, MAX_MESSAGE_BYTES)
+    report = run_fuzz(server.port, cases, rng, expected=policy.expected_actions, metadata=server.metadata)
+    assert report["violations"] == [] and report["wrong_answers"] == 0, report
+    assert report["kinds"]["error"] > KINDS * 9 and report["bystander_checks"] >= len(cases) // 48
     # And a brand-new client is served correctly afterwards.
     with WebsocketClient(port=server.port) as client:
         obs = make_observation(5)
         np.testing.assert_array_equal(client.infer(obs)["actions"], _expected(policy, obs))
-    assert time.monotonic() - start < 90  # ~1-3 s normally; a hang would hit the per-step timeouts first
     _wait_until(lambda: server.stats()["connections_open"] == 0, "fuzz connections to close")
     assert server.stats()["pending"] == 0
 
@@ -629,3 +489,120 @@ def test_free_dimensions_and_preferred_shape() -> None:
     validate_observation({**obs, "observation/image": np.zeros((5, 7, 3), np.uint8)}, specs)
     with pytest.raises(ProtocolError, match=r"has shape \(5, 7, 4\); expected uint8 array of shape \(\*, \*, 3\)"):
         validate_observation({**obs, "observation/image": np.zeros((5, 7, 4), np.uint8)}, specs)
+
+
+# --------------------------------------------------------------------------- bounds, reasons, start-up
+
+
+def _bounded_policy() -> FakePolicy:
+    """FakePolicy with a free-size image bounded by max_shape and a length-bounded prompt (as FastWAMPolicy)."""
+    policy = FakePolicy()
+    spec = policy.metadata["observation_spec"]
+    spec["observation/image"] = {"shape": [-1, -1, 3], "dtype": "uint8", "preferred_shape": [16, 16, 3],
+                                 "max_shape": [32, 48, 3]}
+    spec["prompt"] = {"shape": [], "dtype": "str", "max_length": 40}
+    return policy
+
+
+def test_limits_are_advertised_and_enforced_before_the_policy_runs() -> None:
+    policy = _bounded_policy()
+    with PolicyServer(policy, "127.0.0.1", 0) as server:
+        with WebsocketClient(port=server.port) as client:
+            spec = client.metadata["observation_spec"]
+            assert spec["observation/image"]["max_shape"] == [32, 48, 3] and spec["prompt"]["max_length"] == 40
+            largest = {**make_observation(0), "observation/image": np.full((32, 48, 3), 7, np.uint8)}
+            np.testing.assert_array_equal(client.infer(largest)["actions"], _expected(policy, largest))
+        calls = len(policy.batch_sizes)
+        # The 598 KiB attack (2 x 100,000 x 3, legal under an unbounded [-1, -1, 3]) and a too-tall image.
+        for shape in [(2, 100_000, 3), (33, 2, 3)]:
+            big = {**make_observation(0), "observation/image": np.zeros(shape, np.uint8)}
+            text = _error(server.port, mn.packb(big))
+            assert f"has shape {shape}; this server accepts at most (32, 48, 3)" in text, text
+            assert "resize before sending" in text
+        text = _error(server.port, mn.packb(make_observation(0, prompt="p" * 41)))
+        assert "'prompt' is 41 characters long; this server accepts at most 40" in text
+        assert len(policy.batch_sizes) == calls  # refused by the event loop: the policy never saw them
+
+
+def test_prompt_as_0d_numpy_string_array(served) -> None:
+    server, policy = served
+    obs = make_observation(6, prompt="open the drawer")
+    with WebsocketClient(port=server.port) as client:
+        reply = client.infer({**obs, "prompt": np.asarray("open the drawer")})  # what openpi's own server accepts
+    np.testing.assert_array_equal(reply["actions"], _expected(policy, obs))
+    assert "'prompt' must be a string" in _error(server.port, mn.packb({**obs, "prompt": np.asarray(["a", "b"])}))
+
+
+class _Broken(FakePolicy):
+    def infer_batch(self, observations, mode=None, return_video=False):
+        raise AssertionError()  # no message at all
+
+
+def test_every_error_carries_its_reason_and_no_traceback() -> None:
+    with PolicyServer(_Broken(), "127.0.0.1", 0) as server:
+        text = _error(server.port, mn.packb(make_observation(0)))
+    assert text.startswith("error: internal server error (AssertionError: ") and "Traceback" not in text, text
+    assert "File \"" not in text and ": )" not in text, text  # no source paths, no empty reason
+
+
+def test_msgpack_errors_say_what_was_wrong(served) -> None:
+    server, _ = served
+    assert "invalid msgpack (FormatError: a byte that starts no msgpack value" in _error(server.port, b"\xc1\x00")
+    assert "(StackError: containers nested deeper" in _error(server.port, b"\x91" * 5000 + b"\x00")
+
+
+def test_serve_binds_its_port_before_loading_anything(monkeypatch) -> None:
+    """A taken port fails at once: before the checkpoint loads, let alone `--compile` runs."""
+    from fastwam.serving import serve_cli
+
+    def must_not_load(args):
+        raise AssertionError("the policy was loaded although the port is taken")
+
+    monkeypatch.setattr(serve_cli, "_load_policy", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(serve_cli.PortUnavailable, match=f"cannot listen on 127.0.0.1:{port}.*pick another --port"):
+            serve_cli.main(["--checkpoint", "/nonexistent", "--host", "127.0.0.1", "--port", str(port), "--compile"])
+
+
+def test_server_serves_on_a_prebound_socket() -> None:
+    from fastwam.serving.serve_cli import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    with pytest.raises(ServerError, match="could not connect"):  # bound, not listening: refused, not hanging
+        WebsocketClient(port=port, connect_timeout_s=0)
+    policy = FakePolicy()
+    with PolicyServer(policy, "ignored", 1, sock=sock) as server, WebsocketClient(port=port) as client:
+        assert server.port == port
+        obs = make_observation(8)
+        np.testing.assert_array_equal(client.infer(obs)["actions"], _expected(policy, obs))
+
+
+def test_threads_option_sets_torch_threads_on_the_policy_thread() -> None:
+    torch = pytest.importorskip("torch")
+    from fastwam.serving.serve_cli import default_threads, set_threads
+
+    assert default_threads(cuda=True) is None
+    assert 1 <= default_threads(cuda=False) <= max(1, (torch.get_num_threads() or 1), len(os.sched_getaffinity(0)))
+    previous = policy_thread().submit(torch.get_num_threads).result()
+    try:
+        assert set_threads(1) == 1
+        assert policy_thread().submit(torch.get_num_threads).result() == 1
+    finally:
+        policy_thread().submit(torch.set_num_threads, previous).result()
+
+
+def test_example_client_fails_fast_with_one_line_on_a_wrong_port() -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    example = Path(__file__).resolve().parents[1] / "examples" / "client_example.py"
+    proc = subprocess.run([sys.executable, str(example), "--port", str(port)], capture_output=True, text=True,
+                          timeout=120)  # a hang guard only; without --wait the client makes one attempt
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"could not connect to ws://127.0.0.1:{port} (no retries asked for)" in lines[0]
+    assert "Connection refused" in lines[0] and "is `fastwam serve` running" in lines[0]

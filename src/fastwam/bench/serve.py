@@ -7,6 +7,10 @@ formed, and the in-process `policy.infer` latency on the same observation, so th
 
 Clients share the process (and its GIL) with the server, so with a zero-cost policy (`--fake`) the numbers are an
 upper bound on protocol overhead, not a lower one; with a real checkpoint the model dominates.
+
+`--bystander`, `--unique-prompts N` and `--fuzz N` measure hostile clients instead of the client sweep (see
+`serve_hostile.py`): a bystander's latency beside a neighbour sending the largest allowed images, RSS over N unique
+prompts, and N hostile messages.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fastwam.bench import serve_hostile
 from fastwam.serving.client import WebsocketClient
 from fastwam.serving.msgpack_numpy import packb
 from fastwam.serving.protocol import Policy, example_observation
@@ -54,6 +59,17 @@ class BenchServeArgs:
     """--fake only: simulated extra cost per observation in a batch"""
     in_process_iters: int = 20
     """timed in-process policy.infer calls for the comparison"""
+    threads: int = 0
+    """torch CPU threads, as `fastwam serve --threads` (0 = auto: half the usable cores on CPU)"""
+    max_image_side: int = 0
+    """as `fastwam serve --max-image-side` (0 = the policy's default)"""
+    bystander: bool = False
+    """instead of the client sweep: one client's latency alone, beside a neighbour sending preferred-size images,
+    and beside one sending the largest images the metadata allows (--requests timed requests each)"""
+    unique_prompts: int = 0
+    """instead of the client sweep: send N requests with N distinct maximum-length prompts; report RSS over time"""
+    fuzz: int = 0
+    """instead of the client sweep: send N hostile messages (the fuzz test's cases) with a bystander checked"""
     json: bool = False
     """print one JSON object instead of a table"""
 
@@ -94,7 +110,7 @@ def _load_policy(args: BenchServeArgs) -> Policy:
         raise SystemExit("fastwam bench serve: --checkpoint DIR is required (or --fake)")
     from fastwam.policy import FastWAMPolicy
 
-    return FastWAMPolicy.from_pretrained(args.checkpoint, mode=args.mode)
+    return FastWAMPolicy.from_pretrained(args.checkpoint, mode=args.mode, max_image_side=args.max_image_side)
 
 
 def _run_clients(port: int, n_clients: int, args: BenchServeArgs, metadata: dict) -> dict[str, Any]:
@@ -154,6 +170,10 @@ def run(args: BenchServeArgs) -> dict[str, Any]:
     client_counts = [int(x) for x in args.clients.replace(" ", "").split(",") if x]
     if not client_counts or min(client_counts) < 1:
         raise SystemExit(f"fastwam bench serve: --clients must list positive ints, got {args.clients!r}")
+    if not args.fake:
+        from fastwam.serving.serve_cli import set_threads
+
+        set_threads(args.threads)  # on the policy thread, as `fastwam serve` does
     # Load and time in-process on the server's policy thread, as `fastwam serve` does (see `policy_thread`).
     policy = policy_thread().submit(_load_policy, args).result()
     obs = example_observation(policy.metadata, seed=0)
@@ -173,8 +193,21 @@ def run(args: BenchServeArgs) -> dict[str, Any]:
     server = PolicyServer(policy, "127.0.0.1", 0, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms)
     server.start()
     results = []
+    hostile: dict[str, Any] = {}
     try:
-        for n in client_counts:
+        if args.bystander:
+            hostile["bystander"] = serve_hostile.bystander(server.port, server.metadata, args.requests, args.warmup)
+        if args.unique_prompts:
+            hostile["unique_prompts"] = serve_hostile.unique_prompts(
+                server.port, server.metadata, args.unique_prompts, policy
+            )
+        if args.fuzz:
+            expected = _in_process_actions(policy)
+            hostile["fuzz"] = serve_hostile.fuzz(
+                server.port, server.metadata, args.fuzz, server.metadata["server"]["max_message_bytes"], expected
+            )
+            hostile["fuzz"]["server_stats"] = server.stats()
+        for n in client_counts if not hostile else []:
             before = server.stats()["batch_sizes"]
             row = _run_clients(server.port, n, args, server.metadata)
             after = server.stats()["batch_sizes"]
@@ -204,8 +237,14 @@ def run(args: BenchServeArgs) -> dict[str, Any]:
         "in_process": {"infer_p50_ms": in_p50, "infer_p99_ms": _percentile(in_process, 99), "n": len(in_process)},
         "wire_overhead_p50_ms": (results[0]["p50_ms"] - in_p50) if results and results[0]["clients"] == 1 else None,
         "results": results,
+        **hostile,
         "machine": _machine(),
     }
+
+
+def _in_process_actions(policy: Policy) -> Any:
+    """obs -> the policy's actions computed in process, on the policy thread (what a served reply must equal)."""
+    return lambda obs: policy_thread().submit(policy.infer, obs).result()["actions"]
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -214,6 +253,9 @@ def _table(report: dict[str, Any]) -> str:
         f"in-process policy.infer p50 {report['in_process']['infer_p50_ms']:.2f} ms",
         f"{'clients':>7} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9} {'batch':>6} {'errors':>6}",
     ]
+    for name in ("bystander", "unique_prompts", "fuzz"):
+        if name in report:
+            lines.append(f"{name}: {json.dumps(report[name])}")
     for row in report["results"]:
         lines.append(
             f"{row['clients']:>7} {row['p50_ms']:>9.2f} {row['p99_ms']:>9.2f} {row['throughput_rps']:>9.1f} "
@@ -234,4 +276,5 @@ def cli(argv: list[str], prog: str = "fastwam bench serve") -> int:
         sys.stdout.write("\n")
     else:
         print(_table(report))
-    return 1 if any(row["errors"] for row in report["results"]) else 0
+    failed = any(row["errors"] for row in report["results"]) or report.get("fuzz", {}).get("wrong_answers", 0)
+    return 1 if failed else 0

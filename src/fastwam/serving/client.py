@@ -19,7 +19,7 @@ import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from fastwam.serving.msgpack_numpy import Packer, packb, unpackb
-from fastwam.serving.protocol import ACK_KEY, MODE_KEY, RESET_MESSAGE
+from fastwam.serving.protocol import ACK_KEY, MODE_KEY, RESET_MESSAGE, describe_error
 
 __all__ = ["ServerError", "WebsocketClient"]
 
@@ -41,16 +41,17 @@ class WebsocketClient:
         connect_timeout_s: float = 30.0,
         recv_timeout_s: float | None = None,
     ) -> None:
-        """Connect (retrying while the port refuses, up to `connect_timeout_s`) and read the server's metadata."""
+        """Connect (retrying while the port refuses, up to `connect_timeout_s`: `fastwam serve` refuses connections
+        until its checkpoint is loaded; 0 = one attempt) and read the server's metadata."""
         self.uri = host if host.startswith(("ws://", "wss://")) else f"ws://{host}:{port}"
         self._recv_timeout_s = recv_timeout_s
         self._packer = Packer()
         self._ws = self._connect(connect_timeout_s)
         try:
-            first = self._ws.recv(timeout=max(connect_timeout_s, 1.0))
+            first = self._ws.recv(timeout=max(connect_timeout_s, 10.0))
         except TimeoutError as exc:
             self._ws.close()
-            raise ServerError(f"{self.uri} sent no metadata within {connect_timeout_s} s") from exc
+            raise ServerError(f"{self.uri} sent no metadata within {max(connect_timeout_s, 10.0)} s") from exc
         if isinstance(first, str):
             self._ws.close()
             raise ServerError(f"{self.uri} sent text instead of metadata: {first[:200]}")
@@ -66,10 +67,20 @@ class WebsocketClient:
                     self.uri, compression=None, max_size=None, open_timeout=max(timeout_s, 1.0), **_CONNECT_KWARGS
                 )
             except (ConnectionRefusedError, ConnectionResetError) as exc:  # server still starting / loading
+                # (before the OSError clause below: these are OSErrors too, and the only ones worth a retry)
                 if time.monotonic() + delay > deadline:
-                    raise ServerError(f"could not connect to {self.uri} within {timeout_s} s: {exc}") from exc
+                    waited = f"within {timeout_s} s" if timeout_s > 0 else "(no retries asked for)"
+                    raise ServerError(
+                        f"could not connect to {self.uri} {waited}: {describe_error(exc)}; is `fastwam serve` "
+                        "running on that host and port (it refuses connections until its checkpoint is loaded)?"
+                    ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except (OSError, websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidURI) as exc:
+                raise ServerError(
+                    f"could not connect to {self.uri}: {describe_error(exc)}; is it a `fastwam serve` (openpi "
+                    "websocket) server?"
+                ) from exc
 
     def infer(self, observation: dict, mode: str | None = None) -> dict:
         """Send one observation; returns the reply dict (`actions`, `policy_timing`, `server_timing`, ...)."""

@@ -133,4 +133,12 @@ def unpackb(data: bytes, **kwargs: Any) -> Any:
     except MsgpackNumpyError:
         raise
     except Exception as exc:  # msgpack raises ValueError, TypeError, ExtraData, FormatError, StackError...
-        raise MsgpackNumpyError(f"invalid msgpack ({type(exc).__name__}: {exc})") from exc
+        reason = str(exc).strip() or _REASONS.get(type(exc).__name__, "malformed input")
+        raise MsgpackNumpyError(f"invalid msgpack ({type(exc).__name__}: {reason})") from exc
+
+
+# msgpack raises these without a message; an error line must still say what was wrong.
+_REASONS = {
+    "FormatError": "a byte that starts no msgpack value (e.g. 0xc1): the message is not msgpack",
+    "StackError": "containers nested deeper than msgpack's limit",
+}
