@@ -14,7 +14,7 @@ writes them to disk straight from the mapping, so the 12 GB 5B checkpoint is nev
 anything is written.
 
 Key names (docs/reference.md, "The official checkpoint"): `mixtures.video.X` is the video expert in the original
-Wan layout (renamed to diffusers' names as for any Wan checkpoint, `model/weights.py`); `mixtures.action.X` the
+Wan layout (renamed to diffusers' names as for any Wan checkpoint, `model/wan_checkpoint.py`); `mixtures.action.X` the
 action expert, with the same renames plus `action_encoder.*` and `head.*` (our `proj_out`, a plain Linear);
 `proprio_encoder.*` is our `state_proj`.
 """

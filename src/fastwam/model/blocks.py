@@ -1,7 +1,7 @@
 """Wan-compatible DiT pieces, with diffusers' parameter names.
 
 The state-dict names of every module here match diffusers' `WanTransformer3DModel` (0.42), so a diffusers
-checkpoint loads into the video expert key for key (see `weights.py`). The numerics follow diffusers too:
+checkpoint loads into the video expert key for key (see `wan_checkpoint.py`). The numerics follow diffusers too:
 LayerNorms and residual arithmetic in fp32, RMSNorm over the whole q/k width before the head split, RoPE on
 interleaved pairs with float64 angles.
 
