@@ -286,3 +286,20 @@ def test_stats_dimension_mismatch(tmp_path):
     cfg = get_preset("libero_2cam224").replace(model=ModelConfig(num_heads=2))
     with pytest.raises(OfficialCheckpointError, match="action statistics are 4-d"):
         import_official(tmp_path / "c.pt", tmp_path / "run", cfg, stats=bad, log=lambda *_: None)
+
+
+def test_policy_noise_is_the_official_evaluations_with_seed_42(inputs):
+    """The official LIBERO evaluation seeds every call with 42: action noise from one CPU generator, the full video
+    noise (frame 0 then replaced) from a second generator seeded alike. FastWAMPolicy(seed=42) draws exactly that:
+    the fixture's noise is the official code's own draw."""
+    from types import SimpleNamespace
+
+    from fastwam.policy import FastWAMPolicy
+
+    model_cfg, _ = _fixture_config()
+    fake = SimpleNamespace(cfg=SimpleNamespace(model=model_cfg), seed=42)
+    action, video = FastWAMPolicy._noise(fake, inputs["first_latent"])
+    assert torch.equal(action, inputs["action_noise"])
+    assert torch.equal(video, inputs["video_noise"])
+    fake.seed = 0
+    assert not torch.equal(FastWAMPolicy._noise(fake, inputs["first_latent"])[0], inputs["action_noise"])

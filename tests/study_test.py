@@ -84,6 +84,12 @@ def test_restarted_driver_watches_a_running_job(tmp_path, capsys):
     # A stand-in job: a live process whose command line names fastwam, which writes the job's output and exits.
     script = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(done)!r}).write_text('x')  # fastwam"
     proc = subprocess.Popen([sys.executable, "-c", script])
+    from pathlib import Path
+
+    for _ in range(200):  # /proc/PID/cmdline reads empty for the first few ms of a new process
+        if b"fastwam" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.01)
     (out / "logs").mkdir(parents=True)
     (out / "logs" / "j.pid").write_text(f"{proc.pid}\n")
     job = ablate.Job("j", [sys.executable, "-c", "raise SystemExit(3)"], done)  # would fail if started again

@@ -5,7 +5,8 @@ the same codec, the same normaliser and statistics (stored with the checkpoint),
 embeddings. Observations use the openpi convention: camera `observation.images.X` of the dataset arrives as
 `observation/X` (uint8 H x W x 3), the state as `observation/state`, the instruction as `prompt`.
 
-Sampling is deterministic: every observation's noise comes from a generator seeded with the policy's seed, so a
+Sampling is deterministic: every observation's noise comes from generators seeded with the policy's seed (default 0;
+42 reproduces the official LIBERO evaluation, which seeds every call with 42; see `_noise`), so a
 batch of B observations gives the same actions as B single calls, in-process or over the wire.
 
 Bounded work per request: `metadata` declares the largest image side (`max_image_side`) and prompt length
@@ -186,6 +187,7 @@ class FastWAMPolicy:
             "checkpoint": self.checkpoint,
             "checkpoint_step": self.checkpoint_info.get("step"),
             "checkpoint_sha256": self.checkpoint_info.get("sha256"),
+            "seed": self.seed,  # the sampling noise's seed (the official LIBERO evaluation uses 42 on every call)
         }
 
     def warmup(self, batch_sizes=(1,), mode: str | None = None) -> None:
@@ -291,9 +293,12 @@ class FastWAMPolicy:
         return emb
 
     def _noise(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-observation noise from the policy seed (batch-size independent)."""
+        """Per-observation noise from the policy seed (batch-size independent), drawn as the official evaluation
+        draws it: the action noise from a CPU generator seeded with `seed`, the video noise (every latent frame,
+        frame 0 then replaced by the observation) from a second generator seeded alike. With seed 42 this is the
+        official LIBERO evaluation's noise on every call (its Joint / IDM action noise equals its fast one)."""
         m = self.cfg.model
-        g = torch.Generator().manual_seed(self.seed)
-        a = torch.randn(1, m.action_horizon, m.action_dim, generator=g)
-        v = torch.randn(1, first.shape[1], m.latent_frames - 1, *first.shape[3:], generator=g)
-        return a, v
+        a = torch.randn(1, m.action_horizon, m.action_dim, generator=torch.Generator().manual_seed(self.seed))
+        v = torch.randn(1, first.shape[1], m.latent_frames, *first.shape[3:],
+                        generator=torch.Generator().manual_seed(self.seed))
+        return a, v[:, :, 1:]
