@@ -265,3 +265,17 @@ def test_text_embedding_cache_is_a_bounded_lru(checkpoint):
     for i in range(40):
         small.infer(_obs(small, prompt=f"task {i}"))
     assert small.text_cache.nbytes <= 2e-3 * 2**20 and 1 <= len(small.text_cache) < 40
+
+
+def test_serve_seed_reaches_the_policy_and_its_metadata(checkpoint):
+    """`fastwam serve --seed 42` (the official LIBERO evaluation's noise) samples with that seed on every request."""
+    from fastwam.serving.serve_cli import _load_policy
+    from fastwam.serving.server import ServeArgs
+
+    served = _load_policy(ServeArgs(checkpoint=str(checkpoint), seed=42, threads=1))
+    assert served.seed == 42 and served.metadata["seed"] == 42
+    obs = _obs(served)
+    again = FastWAMPolicy.from_pretrained(checkpoint, seed=42, device="cpu")
+    other = FastWAMPolicy.from_pretrained(checkpoint, seed=0, device="cpu")
+    np.testing.assert_array_equal(served.infer(obs)["actions"], again.infer(obs)["actions"])
+    assert not np.array_equal(served.infer(obs)["actions"], other.infer(obs)["actions"])

@@ -398,6 +398,8 @@ class ServeArgs:
     """default inference mode (fast / joint / idm); a request may override it with a "mode" key"""
     dtype: str = "auto"
     """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
+    seed: int = 0
+    """seed of the sampling noise, the same for every request (42 reproduces the official LIBERO evaluation)"""
     threads: int = 0
     """torch CPU threads for inference; 0 = auto: half the usable cores on a CPU-only machine (at least 1; the event
     loop and other work need the rest), torch's default with CUDA"""
