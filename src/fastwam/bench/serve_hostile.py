@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -121,8 +122,14 @@ def unique_prompts(port: int, metadata: dict, n: int, policy: Any, samples: int 
 
 def fuzz(port: int, metadata: dict, n: int, max_message_bytes: int, expected: Any, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
+    server_log = logging.getLogger("fastwam.serving.server")
+    level = server_log.level
+    server_log.setLevel(logging.ERROR)  # one warning per refused message would be thousands of lines on stderr
     started = time.perf_counter()
-    report = run_fuzz(port, fuzz_cases(rng, n, metadata, max_message_bytes), rng, expected=expected,
-                      metadata=metadata, atol=1e-5)  # batched vs single float arithmetic (policy_test: 1e-5)
+    try:
+        report = run_fuzz(port, fuzz_cases(rng, n, metadata, max_message_bytes), rng, expected=expected,
+                          metadata=metadata, atol=1e-5)  # batched vs single float arithmetic (policy_test: 1e-5)
+    finally:
+        server_log.setLevel(level)
     report["wall_s"] = time.perf_counter() - started
     return report
