@@ -362,21 +362,24 @@ def test_client_leaving_mid_request_does_not_break_its_batch() -> None:
 # --------------------------------------------------------------------------- fuzz
 
 
-def test_fuzz_leaves_server_serving(served) -> None:
-    """Every kind of hostile message (see `fastwam.serving.fuzz`) gets its correct answer, with a reason in every
-    error text, while a bystander stays connected and keeps getting exactly its own actions."""
-    server, policy = served
-    rng = np.random.default_rng(1234)
-    cases = fuzz_cases(rng, KINDS * 18, server.metadata, MAX_MESSAGE_BYTES)
-    report = run_fuzz(server.port, cases, rng, expected=policy.expected_actions, metadata=server.metadata)
-    assert report["violations"] == [] and report["wrong_answers"] == 0, report
-    assert report["kinds"]["error"] > KINDS * 9 and report["bystander_checks"] >= len(cases) // 48
-    # And a brand-new client is served correctly afterwards.
-    with WebsocketClient(port=server.port) as client:
-        obs = make_observation(5)
-        np.testing.assert_array_equal(client.infer(obs)["actions"], _expected(policy, obs))
-    _wait_until(lambda: server.stats()["connections_open"] == 0, "fuzz connections to close")
-    assert server.stats()["pending"] == 0
+def test_fuzz_leaves_server_serving() -> None:
+    """Every kind of hostile message (see `fastwam.serving.fuzz`; images beyond max_shape and over-long prompts
+    included) gets its correct answer, with a reason in every error text, while a bystander stays connected and keeps
+    getting exactly its own actions. `fastwam bench serve --fuzz 10000` runs the same cases at scale."""
+    policy = _bounded_policy()
+    with PolicyServer(policy, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE_BYTES) as server:
+        rng = np.random.default_rng(1234)
+        cases = fuzz_cases(rng, KINDS * 18, server.metadata, MAX_MESSAGE_BYTES)
+        report = run_fuzz(server.port, cases, rng, expected=policy.expected_actions, metadata=server.metadata)
+        assert report["violations"] == [] and report["wrong_answers"] == 0, report
+        assert report["kinds"]["error"] == 13 * 18 and report["kinds"]["ok"] == 18
+        assert report["bystander_checks"] >= len(cases) // 48
+        # And a brand-new client is served correctly afterwards.
+        with WebsocketClient(port=server.port) as client:
+            obs = make_observation(5)
+            np.testing.assert_array_equal(client.infer(obs)["actions"], _expected(policy, obs))
+        _wait_until(lambda: server.stats()["connections_open"] == 0, "fuzz connections to close")
+        assert server.stats()["pending"] == 0
 
 
 # --------------------------------------------------------------------------- helpers, CLI, bench
@@ -429,6 +432,22 @@ def test_bench_serve_fake_json(capsys) -> None:
         assert row["requests"] == 5 * row["clients"] and row["errors"] == 0
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_rps"] > 0
     assert report["in_process"]["infer_p50_ms"] >= 0 and report["machine"]["cpu_count"] >= 1
+
+
+def test_bench_serve_hostile_options_print_json(capsys) -> None:
+    from fastwam.bench import serve as bench_serve
+
+    argv = ["--fake", "--image-size", "16", "--requests", "3", "--warmup", "1", "--in-process-iters", "2", "--json"]
+    assert bench_serve.cli([*argv, "--bystander", "--unique-prompts", "30", "--fuzz", str(KINDS)], prog="x") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["results"] == []  # the hostile scenarios replace the client sweep
+    bystander = report["bystander"]
+    for phase in ("alone", "normal_neighbour", "largest_neighbour"):
+        assert bystander[phase]["bystander"]["n"] == 3 and bystander[phase]["bystander"]["p50_ms"] > 0
+    assert bystander["largest_neighbour"]["neighbour_error"] is None and bystander["ratio"]["p99_ms_vs_alone"] > 0
+    prompts = report["unique_prompts"]
+    assert prompts["prompts"] == 30 and prompts["rss_mb"][-1][0] == 30 and prompts["rss_growth_mb"] < 50
+    assert report["fuzz"]["messages"] == KINDS and report["fuzz"]["wrong_answers"] == 0
 
 
 def test_stop_while_policy_is_busy_fails_requests_cleanly() -> None:
