@@ -100,3 +100,25 @@ def test_build_from_config_and_errors(umt5_dir, tmp_path, monkeypatch):
         UMT5TextEncoder.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="task"):
         UMT5TextEncoder.from_pretrained(umt5_dir, template="no placeholder")
+
+
+def test_disk_cache_is_bounded_least_recently_used_first(umt5_dir, tmp_path):
+    import time
+
+    enc = UMT5TextEncoder.from_pretrained(umt5_dir, max_len=16, template=TEMPLATE, cache_dir=tmp_path / "c")
+    enc(["prompt zero"])
+    one = next((tmp_path / "c").glob("*.safetensors")).stat().st_size
+    enc.max_cache_bytes = 3 * one  # room for three embeddings
+    first = enc.cache_path(enc.prompt("prompt zero"))
+    for i in range(1, 6):
+        time.sleep(0.01)  # distinct modification times
+        if i == 3:  # using "prompt zero" again makes it recent: it survives the evictions
+            before = first.stat().st_mtime_ns
+            fresh = UMT5TextEncoder.from_pretrained(umt5_dir, max_len=16, template=TEMPLATE, cache_dir=tmp_path / "c")
+            fresh(["prompt zero"])  # read from disk (a fresh encoder's memory is empty): marks it used
+            assert first.stat().st_mtime_ns > before
+        enc([f"prompt {i}"])
+    files = list((tmp_path / "c").glob("*.safetensors"))
+    assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 3 * one
+    assert first.exists() and enc.cache_path(enc.prompt("prompt 5")).exists()
+    assert not enc.cache_path(enc.prompt("prompt 1")).exists()

@@ -29,6 +29,9 @@ from fastwam.model.text import TextEncoder
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 
+DISK_CACHE_BYTES = 1 << 30  # the text-embedding disk cache's bound (~500 prompts of 128 x 4096 float32)
+
+
 def default_cache_dir() -> Path | None:
     """$FASTWAM_TEXT_CACHE (empty disables), else $XDG_CACHE_HOME/fastwam/text_embeddings (~/.cache/...)."""
     env = os.environ.get("FASTWAM_TEXT_CACHE")
@@ -84,6 +87,7 @@ class UMT5TextEncoder(TextEncoder):
         template: str = TextConfig.template,
         cache_dir: str | os.PathLike | None = None,
         fingerprint: object = None,
+        max_cache_bytes: int = DISK_CACHE_BYTES,
     ):
         super().__init__()
         if "{task}" not in template:
@@ -95,6 +99,7 @@ class UMT5TextEncoder(TextEncoder):
         self.template = template
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._fingerprint = fingerprint
+        self.max_cache_bytes = int(max_cache_bytes)
 
     @classmethod
     def from_pretrained(
@@ -136,6 +141,7 @@ class UMT5TextEncoder(TextEncoder):
         if path is not None and path.exists():
             cached = self._read_cache(path, prompt)
             if cached is not None:
+                path.touch()  # recently used: the last to be evicted
                 return cached
         out = self._encode(prompt)
         if path is not None:
@@ -174,3 +180,22 @@ class UMT5TextEncoder(TextEncoder):
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"embedding": emb.contiguous()}, str(tmp), metadata={"prompt": prompt})
         os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+        self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Keep the disk cache under `max_cache_bytes` by removing the least recently used files (one file is
+        ~2 MB at full scale: a server that meets many distinct prompts must not fill the disk with them)."""
+        files = []
+        for f in self.cache_dir.glob("*.safetensors"):
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # removed by a concurrent process
+                continue
+            files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_cache_bytes:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
