@@ -110,9 +110,9 @@ def test_disk_cache_is_bounded_least_recently_used_first(umt5_dir, tmp_path):
     one = next((tmp_path / "c").glob("*.safetensors")).stat().st_size
     enc.max_cache_bytes = 3 * one  # room for three embeddings
     first = enc.cache_path(enc.prompt("prompt zero"))
-    for i in range(1, 6):
+    for i in range(1, 5):
         time.sleep(0.01)  # distinct modification times
-        if i == 3:  # using "prompt zero" again makes it recent: it survives the evictions
+        if i == 3:  # the cache is full (0, 1, 2); using "prompt zero" again makes it the most recent ...
             before = first.stat().st_mtime_ns
             fresh = UMT5TextEncoder.from_pretrained(umt5_dir, max_len=16, template=TEMPLATE, cache_dir=tmp_path / "c")
             fresh(["prompt zero"])  # read from disk (a fresh encoder's memory is empty): marks it used
@@ -120,5 +120,7 @@ def test_disk_cache_is_bounded_least_recently_used_first(umt5_dir, tmp_path):
         enc([f"prompt {i}"])
     files = list((tmp_path / "c").glob("*.safetensors"))
     assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 3 * one
-    assert first.exists() and enc.cache_path(enc.prompt("prompt 5")).exists()
-    assert not enc.cache_path(enc.prompt("prompt 1")).exists()
+    # ... so "prompt 3" and "prompt 4" evict 1 and 2, the least recently used, and 0 stays.
+    assert first.exists() and enc.cache_path(enc.prompt("prompt 4")).exists()
+    for gone in (1, 2):
+        assert not enc.cache_path(enc.prompt(f"prompt {gone}")).exists()
