@@ -115,3 +115,20 @@ def test_shift_reaches_the_rendered_images(tmp_path):
                            num_envs=1, progress=False, shift=shift)
         assert res["config"]["shift"] == shift
     assert np.abs(firsts["none"].astype(int) - firsts["colour"].astype(int)).mean() > 2.0
+
+
+def test_compile_reaches_the_policy(monkeypatch, tmp_path):
+    """`eval metaworld --compile` loads the checkpoint with compiled inference (the policy's own tests check that
+    compiled actions equal eager ones)."""
+    from fastwam import policy as policy_module
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(policy_module.FastWAMPolicy, "from_pretrained", staticmethod(fake_from_pretrained))
+    with pytest.raises(RuntimeError, match="stop here"):
+        mwe.evaluate(str(tmp_path), TASK, episodes=1, workers=0, video_episodes=0, progress=False, compile=True)
+    assert seen["compile"] is True

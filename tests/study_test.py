@@ -47,6 +47,13 @@ def test_sweep_plan_layout():
     train = by["train_B_joint_s0"].cmd
     assert train[train.index("--config.model.video-hidden-dim") + 1] == "24"
     assert runs["B/joint_s0"]["evals"]["replan1"].parts[-3:] == ("B", "joint_s0", "replan1")
+    # Base evaluations, then trainings, then the axes of later seeds (the first seed's axes early, for a first look).
+    assert by["eval_B_joint_s0"].priority == 0 and by["train_B_joint_s0"].priority == 1
+    assert by["eval_B_joint_s0_replan1"].priority == 0
+    two = parse_with_preset(_argv("/tmp/x") + ["--seeds", "0,1", "--eval-compile"], ablate.AblateArgs, "test")
+    by2 = {j.name: j for j in ablate.plan(two)[0]}
+    assert by2["eval_B_joint_s1_replan1"].priority == 2 and by2["eval_B_joint_s1"].priority == 0
+    assert "--compile" in by2["eval_B_joint_s1"].cmd and "--compile" not in by["eval_B_joint_s0"].cmd
     with pytest.raises(ValueError, match="ModelConfig field"):
         ablate.parse_cells("A:not_a_field=1")
     with pytest.raises(ValueError, match="axis"):

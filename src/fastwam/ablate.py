@@ -57,6 +57,7 @@ class AblateArgs(PresetArgs):
     # Each value is one more evaluation of every run in --axis-cells, beside the base one (re-plan every --replan).
     axes: str = ""
     axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
+    eval_compile: bool = False  # evaluate checkpoints with compiled inference (eval metaworld --compile)
     report_only: bool = False
     publish: str = ""  # also copy the report, its pictures and --publish-videos videos here (e.g. docs/results/X)
     publish_videos: int = 3
@@ -68,6 +69,9 @@ class Job:
     cmd: list[str]
     done: Path  # the job is complete when this file exists (and, for results.json, is not marked partial)
     after: tuple[str, ...] = ()
+    # Among ready jobs, lower runs first: base evaluations (0), trainings (1), then evaluations along the axes (2),
+    # so an interrupted sweep has whole trainings and their base results rather than many axes of a few models.
+    priority: int = 0
 
     def is_done(self) -> bool:
         """The output exists and is whole: an evaluation stopped by Ctrl-C writes results.json marked partial, which
@@ -222,7 +226,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
             train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final,
-                                  after=("data",) if not args.dataset else ()))
+                                  after=("data",) if not args.dataset else (), priority=1))
             evals = {}
             for cond, options in conds.items():
                 if cond != BASE and cell not in axis_cells:
@@ -230,11 +234,14 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 eval_dir = out / "eval" / name if cond == BASE else out / "eval" / name / cond
                 evals[cond] = eval_dir
                 videos = [] if cond == BASE else ["--videos", "0"]
+                compiled = ["--compile"] if args.eval_compile else []
                 eval_jobs.append(Job(f"eval_{tag}" + ("" if cond == BASE else f"_{cond}"),
                                      _py() + ["eval", "metaworld", "--checkpoint", str(run_dir), "--mode",
                                               VARIANT_MODES[variant], "--out", str(eval_dir)]
-                                     + eval_args(args.eval_episodes) + options + videos,
-                                     eval_dir / "results.json", after=(f"train_{tag}",)))
+                                     + eval_args(args.eval_episodes) + options + videos + compiled,
+                                     eval_dir / "results.json", after=(f"train_{tag}",),
+                                     # the first seed's axes early too: a first look at every condition
+                                     priority=0 if cond == BASE or seed == seeds[0] else 2))
             runs[name] = {"variant": variant, "seed": seed, "cell": cell, "run_dir": run_dir,
                           "eval_dir": evals[BASE], "evals": evals}
     jobs += train_jobs + eval_jobs
@@ -332,7 +339,9 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
             running[j.name] = (adopted, time.time())
             print(f"[ablate] {j.name}: still running (pid {adopted.pid}) from an earlier driver; watching it")
     failed: list[str] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    # One thread per job, compilation included (inductor would start a compile worker per core).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     while pending or running:
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
@@ -345,9 +354,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
                 else:
                     failed.append(name)
                     print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
-        # Ready evaluations go before ready trainings: results accumulate while the long trainings queue.
-        ready = sorted((j for j in pending if all(a in done for a in j.after)),
-                       key=lambda j: j.name.startswith("train_"))
+        ready = sorted((j for j in pending if all(a in done for a in j.after)), key=lambda j: j.priority)
         blocked = [j for j in pending if any(a in failed for a in j.after)]
         for j in blocked:
             pending.remove(j)

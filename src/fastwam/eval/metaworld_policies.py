@@ -227,7 +227,7 @@ class _Scripted(_Adapter):
 
 
 def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: int, horizon: int | None,
-                    device: str | None, policy_seed: int) -> _Adapter:
+                    device: str | None, policy_seed: int, compile: bool = False) -> _Adapter:
     if server:
         return _Server(server, num_slots)
     p = policy_or_checkpoint
@@ -238,7 +238,7 @@ def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: in
     if isinstance(p, (str, Path)):
         from fastwam.policy import FastWAMPolicy
 
-        return _InProcess(FastWAMPolicy.from_pretrained(p, device=device, seed=policy_seed))
+        return _InProcess(FastWAMPolicy.from_pretrained(p, device=device, seed=policy_seed, compile=compile))
     if isinstance(p, _Adapter):
         return p
     if hasattr(p, "infer_batch") and hasattr(p, "camera_keys") and hasattr(p, "metadata"):
