@@ -10,7 +10,7 @@ import torch
 from fastwam.bench import official_memory
 from fastwam.bench.memory import MemoryArgs, _shapes, run
 from fastwam.config import get_preset
-from fastwam.official import official_to_fastwam_key, read_official_checkpoint
+from fastwam.official import fastwam_to_official_key, official_to_fastwam_key, read_official_checkpoint
 
 
 def test_shapes_are_the_5b_model():
@@ -40,7 +40,7 @@ def test_measures_an_existing_checkpoint(tmp_path):
 
 def test_official_names_invert_the_import_mapping_for_every_key():
     shapes = official_memory.model_shapes(official_memory.five_b_model())
-    names = {k: official_memory.fastwam_to_official_key(k) for k in shapes}
+    names = {k: fastwam_to_official_key(k) for k in shapes}
     assert len(set(names.values())) == len(names) == 1651
     mot = {n: k for k, (part, n) in names.items() if part == "mot"}
     assert all(official_to_fastwam_key(n) == k for n, k in mot.items())

@@ -38,7 +38,7 @@ import tyro
 from fastwam.config import Config, ModelConfig
 from fastwam.data.normalize import STAT_KEYS, NormStats
 from fastwam.errors import UserError
-from fastwam.model.weights import original_to_diffusers_key
+from fastwam.model.weights import diffusers_to_original_key, original_to_diffusers_key
 from fastwam.presets import PresetArgs, PresetName, parse_with_preset
 
 VIDEO_PREFIX, ACTION_PREFIX = "mixtures.video.", "mixtures.action."
@@ -64,6 +64,23 @@ def official_to_fastwam_key(key: str) -> str | None:
             return "action." + rest
         return "action." + original_to_diffusers_key(rest)
     return None
+
+
+def fastwam_to_official_key(key: str) -> tuple[str, str]:
+    """One FastWAM state-dict key -> (part of the official payload, name in it): `("mot", "mixtures.video....")`,
+    `("mot", "mixtures.action....")` or `("proprio_encoder", "weight" | "bias")`."""
+    if key.startswith("video."):
+        return "mot", VIDEO_PREFIX + diffusers_to_original_key(key[len("video."):])
+    if key.startswith("action."):
+        rest = key[len("action."):]
+        if rest.startswith("proj_out."):
+            return "mot", ACTION_PREFIX + "head." + rest[len("proj_out."):]
+        if rest.startswith("action_encoder."):
+            return "mot", ACTION_PREFIX + rest
+        return "mot", ACTION_PREFIX + diffusers_to_original_key(rest)
+    if key.startswith("state_proj."):
+        return "proprio_encoder", key[len("state_proj."):]
+    raise ValueError(f"no official name for {key!r}")
 
 
 def fastwam_state_dict(payload: Mapping[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:

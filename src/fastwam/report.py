@@ -214,7 +214,7 @@ def _verdict(diffs: dict) -> str:
 
 
 def _bar_chart(out: Path, names: list[str], cells: dict) -> Path | None:
-    from fastwam.viz import pyplot
+    from fastwam.viz import pyplot, save_figure
 
     plt = pyplot()
 
@@ -235,15 +235,11 @@ def _bar_chart(out: Path, names: list[str], cells: dict) -> Path | None:
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Meta-World closed-loop success (95 % Wilson CI)")
-    fig.tight_layout()
-    path = out / "success.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "success.png")
 
 
 def _training_curves(out: Path, runs: dict) -> Path | None:
-    from fastwam.viz import pyplot
+    from fastwam.viz import pyplot, save_figure
 
     plt = pyplot()
 
@@ -268,11 +264,7 @@ def _training_curves(out: Path, runs: dict) -> Path | None:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "training_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "training_curves.png")
 
 
 def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:

@@ -222,7 +222,7 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
     pts = [p for p in points if p["video_params"] and p["cotrain"] is not None]
     if not pts:
         return None
-    from fastwam.viz import pyplot
+    from fastwam.viz import pyplot, save_figure
 
     plt = pyplot()
 
@@ -255,17 +255,13 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
         ax.set_xscale("log")
         ax.set_xlabel("video expert parameters (M)")
         ax.set_xticks(x, [f"{v:.1f}" for v in x])
-    fig.tight_layout()
-    path = out / "capacity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "capacity.png")
 
 
 def _plot_map(out: Path, forest: list) -> Path | None:
     if not forest:
         return None
-    from fastwam.viz import pyplot
+    from fastwam.viz import pyplot, save_figure
 
     plt = pyplot()
 
@@ -286,11 +282,7 @@ def _plot_map(out: Path, forest: list) -> Path | None:
     ax.set_xlabel("success difference vs fast (points, hierarchical 95 % CI)")
     ax.set_title("Where does test-time imagination pay?")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = out / "imagination_map.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "imagination_map.png")
 
 
 def imagined_still(out: Path, runs: dict) -> Path | None:

@@ -29,6 +29,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi PNG) and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return Path(path)
+
+
 def example_layout(variant_name: str, frames: int, per_frame: int, actions: int):
     """Token groups and first-frame flags of a small example sequence for a variant, plus labelled spans."""
     groups, first, spans = [], [], []

@@ -28,58 +28,12 @@ import torch
 
 from fastwam.config import ModelConfig, get_preset
 from fastwam.errors import UserError
-from fastwam.model.weights import _ATTN, _BLOCK, _TOP_LEVEL
-from fastwam.official import ACTION_PREFIX, VIDEO_PREFIX
+from fastwam.official import fastwam_to_official_key
 
 TARGET_RATIO = 1.3
 PRESET = "libero_2cam224"  # the preset whose model is the released 5B checkpoint's
-PROPRIO = "proprio_encoder"
 _HEADROOM = 1.02  # disk: both files plus 2 % and 256 MB for headers, config files and the filesystem
 _HEADROOM_BYTES = 256 << 20
-
-_TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
-_ATTN_INV = {v: k for k, v in _ATTN.items()}
-_BLOCK_INV = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# fastwam names -> official names (the inverse of fastwam.official.official_to_fastwam_key)
-
-
-def diffusers_to_original_key(key: str) -> str:
-    """One diffusers Wan tensor name -> the original Wan name (inverse of `model.weights.original_to_diffusers_key`)."""
-    if key == "scale_shift_table":
-        return "head.modulation"
-    m = _BLOCK.fullmatch(key)
-    if m is None:
-        module, _, leaf = key.rpartition(".")
-        return f"{_TOP_LEVEL_INV[module]}.{leaf}" if module in _TOP_LEVEL_INV else key
-    i, rest = m.groups()
-    if rest == "scale_shift_table":
-        return f"blocks.{i}.modulation"
-    module, _, leaf = rest.rpartition(".")
-    attn, _, proj = module.partition(".")
-    if attn in ("attn1", "attn2") and proj in _ATTN_INV:
-        return f"blocks.{i}.{'self_attn' if attn == 'attn1' else 'cross_attn'}.{_ATTN_INV[proj]}.{leaf}"
-    return f"blocks.{i}.{_BLOCK_INV[module]}.{leaf}" if module in _BLOCK_INV else key
-
-
-def fastwam_to_official_key(key: str) -> tuple[str, str]:
-    """One FastWAM state-dict key -> (part of the official payload, name in it): `("mot", "mixtures.video....")`,
-    `("mot", "mixtures.action....")` or `("proprio_encoder", "weight" | "bias")`."""
-    if key.startswith("video."):
-        return "mot", VIDEO_PREFIX + diffusers_to_original_key(key[len("video."):])
-    if key.startswith("action."):
-        rest = key[len("action."):]
-        if rest.startswith("proj_out."):
-            return "mot", ACTION_PREFIX + "head." + rest[len("proj_out."):]
-        if rest.startswith("action_encoder."):
-            return "mot", ACTION_PREFIX + rest
-        return "mot", ACTION_PREFIX + diffusers_to_original_key(rest)
-    if key.startswith("state_proj."):
-        return PROPRIO, key[len("state_proj."):]
-    raise ValueError(f"no official name for {key!r}")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The synthetic checkpoint
@@ -128,7 +82,7 @@ def write_official_checkpoint(path: Path, model: ModelConfig, dtype: torch.dtype
     largest = max(map(_numel, shapes.values()))
     with open(zeros, "wb") as f:
         f.truncate(largest * dtype.itemsize)  # sparse: no disk blocks, read back as zeros
-    payload: dict = {"mot": {}, PROPRIO: {}}
+    payload: dict = {"mot": {}, "proprio_encoder": {}}
     try:
         for key, shape in shapes.items():
             part, name = fastwam_to_official_key(key)
@@ -179,7 +133,7 @@ def _need_disk(directory: Path, need: int, what: str) -> None:
 def run_official(args, model: ModelConfig | None = None) -> dict:
     """`fastwam bench memory --official` (args: bench.memory.MemoryArgs). `model`: shapes to synthesise instead of
     the 5B preset's (tests use a tiny one); `--size-gb` then changes only its number of layers."""
-    from fastwam.bench.memory import _DTYPES, _machine
+    from fastwam.bench.memory import _DTYPES, peak_report
 
     if args.dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")
@@ -232,11 +186,5 @@ def run_official(args, model: ModelConfig | None = None) -> dict:
         **written,
         **child,
         "load_seconds": child["import_seconds"],
-        "peak_rss_gb": peak / 1e9,
-        "ratio_peak_to_checkpoint": peak / ckpt_bytes,
-        # What the import itself adds on top of the interpreter + torch import.
-        "ratio_loader_to_checkpoint": (peak - child["rss_before_load_bytes"]) / ckpt_bytes,
-        "target_ratio": TARGET_RATIO,
-        "pass": peak / ckpt_bytes <= TARGET_RATIO,
-        "machine": _machine(),
+        **peak_report(peak, ckpt_bytes, child["rss_before_load_bytes"], TARGET_RATIO),
     }

@@ -145,6 +145,29 @@ def original_to_diffusers_key(key: str) -> str:
     return f"blocks.{i}.{renamed}.{leaf}" if renamed else key
 
 
+_TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
+_ATTN_INV = {v: k for k, v in _ATTN.items()}
+_BLOCK_INV = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}  # the block renames, reversed
+
+
+def diffusers_to_original_key(key: str) -> str:
+    """One diffusers Wan tensor name -> the original Wan name (inverse of `original_to_diffusers_key`)."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    m = _BLOCK.fullmatch(key)
+    if m is None:
+        module, _, leaf = key.rpartition(".")
+        return f"{_TOP_LEVEL_INV[module]}.{leaf}" if module in _TOP_LEVEL_INV else key
+    i, rest = m.groups()
+    if rest == "scale_shift_table":
+        return f"blocks.{i}.modulation"
+    module, _, leaf = rest.rpartition(".")
+    attn, _, proj = module.partition(".")
+    if attn in ("attn1", "attn2") and proj in _ATTN_INV:
+        return f"blocks.{i}.{'self_attn' if attn == 'attn1' else 'cross_attn'}.{_ATTN_INV[proj]}.{leaf}"
+    return f"blocks.{i}.{_BLOCK_INV[module]}.{leaf}" if module in _BLOCK_INV else key
+
+
 def is_original_layout(keys: list[str]) -> bool:
     stripped = [k.removeprefix("model.diffusion_model.") for k in keys]
     return any(k.startswith(_ORIGINAL_PREFIXES) or any(p in k for p in _ORIGINAL_PARTS) for k in stripped)

@@ -20,13 +20,11 @@ from torch import nn
 from fastwam.config import ModelConfig
 from fastwam.model.safetensors_mmap import CHUNK_BYTES, MappedFile, TensorInfo, read_header
 from fastwam.model.wan_checkpoint import (
-    _ATTN,
-    _BLOCK,
-    _TOP_LEVEL,
     VIDEO_FIELDS,
     WanCheckpoint,
     _head,
     check_video_config,
+    diffusers_to_original_key,
     is_original_layout,
     load_checkpoint_into,
     load_video_expert,
@@ -38,7 +36,7 @@ __all__ = [
     "ACTION_RANDOM_PREFIXES", "CHUNK_BYTES", "VIDEO_FIELDS", "MappedFile", "TensorInfo", "WanCheckpoint",
     "build_fastwam_from_wan", "check_video_config", "init_action_expert_from_video", "is_original_layout",
     "load_checkpoint_into", "load_video_expert", "model_config_from_diffusers", "original_to_diffusers_key",
-    "read_header", "resize_tensor", "_ATTN", "_BLOCK", "_TOP_LEVEL",
+    "diffusers_to_original_key", "read_header", "resize_tensor",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
