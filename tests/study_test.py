@@ -75,6 +75,11 @@ def test_sweep_runs_end_to_end_resumes_and_keeps_cell_names(tmp_path, capsys):
     assert set(latency["modes"]) == {"fast", "joint"}
     report = (out / "report.md").read_text()
     assert "imagination map" in report and "| B |" in report
+    # The recorded command runs as it is in a shell (the cells' ";" quoted).
+    import shlex
+
+    command = json.loads((out / "ablation.json").read_text())["command"]
+    assert shlex.split(command)[2:] == _argv(out)
     # Resume: nothing to do.
     assert ablate.cli(_argv(out)) == 0
     assert "starting" not in capsys.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -405,7 +406,7 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     # The study's command: without --report-only, which only re-renders the report of the same study.
     command = ["fastwam", "ablate", *_study_argv(argv)]
     (out / "ablation.json").write_text(json.dumps({
-        "command": " ".join(command),
+        "command": shlex.join(command),
         "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
         "config": args.config.to_dict(),
     }, indent=2))
