@@ -11,6 +11,15 @@ from fastwam import checkpoint as ckpt_io
 from fastwam.model.fastwam import FastWAM
 
 
+def model_from_weights(model_cfg, weights: Path) -> FastWAM:
+    """A FastWAM built on the meta device whose parameters are the tensors of `weights` (no random initialisation of
+    weights about to be replaced, nothing allocated twice); names and shapes checked (`checkpoint.load_weights`)."""
+    with torch.device("meta"):
+        model = FastWAM(model_cfg)
+    ckpt_io.load_weights(model, weights, assign=True)
+    return model
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                use_ema: bool = True) -> FastWAM:
     """The FastWAM of a checkpoint directory (or a run directory: its latest checkpoint), in eval mode.
@@ -22,10 +31,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
 
     ckpt = ckpt_io.resolve_checkpoint(path)
     cfg = ckpt_io.load_config(ckpt)
-    with torch.device("meta"):
-        model = FastWAM(cfg.model)
     weights = ckpt / ckpt_io.EMA if use_ema and (ckpt / ckpt_io.EMA).is_file() else ckpt / ckpt_io.WEIGHTS
-    ckpt_io.load_weights(model, weights, assign=True)
+    model = model_from_weights(cfg.model, weights)
     device = torch.device(device or "cpu")
     if dtype is not None:
         model = model.to(dtype=resolve_dtype(dtype, device))

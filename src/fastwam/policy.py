@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastwam import checkpoint as ckpt_io
 from fastwam import validate
 from fastwam.config import Config
 from fastwam.data.normalize import Normalizer, NormStats
@@ -153,10 +152,10 @@ class FastWAMPolicy:
         `CheckpointError` with one line naming the file and field, instead of failing every request later.
         `limits` (max_image_side, max_prompt_chars, text_cache_entries, text_cache_mb) go to the constructor.
         """
+        from fastwam.loading import model_from_weights
+
         checked = validate.load_checked(path, use_ema=use_ema)
-        with torch.device("meta"):  # no random initialisation of weights that are about to be replaced
-            model = FastWAM(checked.config.model)
-        ckpt_io.load_weights(model, checked.weights, assign=True)
+        model = model_from_weights(checked.config.model, checked.weights)
         validate.check_finite_weights(model, checked.weights)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         policy = cls(checked.config, model, checked.norm_stats, mode=mode, device=device, seed=seed,
