@@ -59,7 +59,7 @@ def test_official_names_invert_the_import_mapping_for_every_key():
 
 
 def test_official_synthetic_checkpoint_reads_back(tmp_path):
-    model = dataclasses.replace(get_preset("small_cpu").model, num_layers=2)
+    model = dataclasses.replace(get_preset("small_cpu").model, num_layers=2, video_hidden_dim=0, video_ffn_dim=512)
     path = tmp_path / "official.pt"
     info = official_memory.write_official_checkpoint(path, model)
     assert not (tmp_path / "official.pt.zeros").exists()
@@ -78,7 +78,8 @@ def test_official_layers_for_size():
 
 def test_official_mode_reports_json(tmp_path):
     # A 1-layer small_cpu-shaped checkpoint (~1.4 MB): the whole pipeline, the JSON contract, temporaries removed.
-    model = dataclasses.replace(get_preset("small_cpu").model, num_layers=1)
+    # (video_hidden_dim 0: an official checkpoint's video expert is always as wide as its attention)
+    model = dataclasses.replace(get_preset("small_cpu").model, num_layers=1, video_hidden_dim=0, video_ffn_dim=512)
     report = official_memory.run_official(MemoryArgs(official=True, dir=str(tmp_path / "work")), model=model)
     assert report["mode"] == "official" and report["num_layers"] == 1
     assert 0 < report["output_bytes"] and 0 < report["checkpoint_bytes"] < 5e6

@@ -303,19 +303,23 @@ def _tiny() -> Config:
 
 
 def _small_cpu() -> Config:
-    """Meta-World on 2 CPU cores: ~1.7M parameters, two 64x64 cameras, 3 latent frames x 32 tokens + 16 actions.
+    """Meta-World on 2 CPU cores: a 3.8M video expert and a 0.79M action expert, two 64x64 cameras, 3 latent frames x
+    32 tokens + 16 actions. A token is a 16x16 pixel patch (space-to-depth 8, then the (1,2,2) patch embedding).
 
-    Sized from the speeds in docs/reference.md, "CPU measurements" (hidden 128 x 4 layers, ~200 tokens: ~4 it/s).
-    A token is a 16x16 pixel patch (space-to-depth 8, then the (1,2,2) patch embedding).
+    The video expert is 256 wide at a shared attention width of 4 x 32 (`video_hidden_dim`), chosen by measurement
+    (docs/results/, the capacity study on MT10): at the attention width (128, 1.24M parameters) its video flow loss
+    stalled at ~0.76 and its imagined frames were noise; at 256 the loss reaches ~0.53 and imagined frames show the
+    scene, for the same action expert and success, at half the training speed (~1.4 vs ~2.8 it/s at batch 16, one
+    thread).
     """
     return Config(
         name="small_cpu",
         model=ModelConfig(
-            latent_channels=30, patch_size=(1, 2, 2), video_ffn_dim=512, num_heads=4, head_dim=32, num_layers=4,
-            action_hidden_dim=96, action_ffn_dim=384, freq_dim=64, text_dim=64, rope_max_seq_len=256,
-            action_dim=4, state_dim=4, action_horizon=16,
+            latent_channels=30, patch_size=(1, 2, 2), video_ffn_dim=1024, video_hidden_dim=256, num_heads=4,
+            head_dim=32, num_layers=4, action_hidden_dim=96, action_ffn_dim=384, freq_dim=64, text_dim=64,
+            rope_max_seq_len=256, action_dim=4, state_dim=4, action_horizon=16,
         ),
-        # DCT latents: 30 channels -> 120-value tokens, within the 128-wide video expert (see model/codecs.py).
+        # DCT latents: 30 channels -> 120-value tokens, within the video expert's width (see model/codecs.py).
         codec=CodecConfig(kind="dct", space_factor=8, dct_diagonals=4),
         text=TextConfig(kind="hash", max_len=16, vocab_size=4096),
         data=DataConfig(image_size=(64, 64), num_frames=3, frame_stride=8, action_horizon=16),
