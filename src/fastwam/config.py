@@ -308,9 +308,9 @@ def _small_cpu() -> Config:
 
     The video expert is 256 wide at a shared attention width of 4 x 32 (`video_hidden_dim`), chosen by measurement
     (docs/results/, the capacity study on MT10): at the attention width (128, 1.24M parameters) its video flow loss
-    stalled at ~0.76 and its imagined frames were noise; at 256 the loss reaches ~0.53 and imagined frames show the
-    scene, for the same action expert and success, at half the training speed (~1.4 vs ~2.8 it/s at batch 16, one
-    thread).
+    stalled at ~0.76 and its imagined frames stayed covered in noise; at 256 the loss reaches ~0.53 and imagined frames
+    show the scene, for the same action expert, at 37 % of the training speed (1.40 vs 3.77 it/s at batch 16, one
+    thread). Success is in the README's results section.
     """
     return Config(
         name="small_cpu",
