@@ -128,8 +128,9 @@ def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30) -> d
     return {"cells": cells}
 
 
-def test_study_report_known_answer(tmp_path):
-    from fastwam.study_report import MULTI_STAGE, write_study_report
+def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1, 2)) -> dict:
+    """Three planned training seeds per model; results on disk for `evaluated_seeds` only."""
+    from fastwam.study_report import MULTI_STAGE
 
     tasks = ["reach-v3", "drawer-open-v3", MULTI_STAGE[0]]
     rates = {"fast": 0.5, "no_cotrain": 0.2, "joint": 0.5, "idm": 0.5}
@@ -143,23 +144,45 @@ def test_study_report_known_answer(tmp_path):
         for seed in range(3):
             name = f"M/{variant}_s{seed}"
             evals = {}
-            for cond in ("base", "replan16"):
+            for cond in conds:
                 d = tmp_path / "eval" / name / ("" if cond == "base" else cond)
+                evals[cond] = d
+                if seed not in evaluated_seeds:
+                    continue
                 d.mkdir(parents=True, exist_ok=True)
                 # IDM pays only when re-planning rarely (replan16), by 30 points; everything else is equal.
                 r = rate + (0.3 if (variant == "idm" and cond == "replan16") else 0.0)
                 (d / "results.json").write_text(json.dumps(_results({t: r for t in tasks}, seed=seed)))
-                evals[cond] = d
             runs[name] = {"variant": variant, "seed": seed, "cell": "M", "run_dir": tmp_path / "runs" / name,
                           "eval_dir": evals["base"], "evals": evals}
+    return runs
+
+
+def test_study_report_known_answer(tmp_path):
+    from fastwam.study_report import write_study_report
+
+    runs = _synthetic_study(tmp_path)
     report = write_study_report(tmp_path, runs, None, ["base", "replan16"]).read_text()
     verdicts = report.split("## Verdicts")[1]
-    assert "Cell M (3.8M video parameters): video co-training pays" in verdicts
-    assert "re-plan every 16: imagination joint unresolved" in verdicts and "idm pays" in verdicts
-    assert "base (re-plan every 8): imagination joint unresolved" in verdicts
+    assert "Cell M (3.8M video parameters): video co-training pays (" in verdicts
+    assert "re-plan every 16: imagination joint unresolved (" in verdicts and "idm pays (" in verdicts
+    assert "base (re-plan every 8): imagination joint unresolved (" in verdicts
     assert "4.0x" in report and "5.0x" in report  # the latency paid
     assert "multi-stage (1 tasks)" in report and "single-stage (2 tasks)" in report
     assert (tmp_path / "capacity.png").is_file() and (tmp_path / "imagination_map.png").is_file()
+    assert "Partial study" not in report and "provisional" not in report
+    assert "re-plan every 16**: re-plan every 16 actions" in report  # each condition explained
+
+
+def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
+    from fastwam.study_report import write_study_report
+
+    runs = _synthetic_study(tmp_path, conds=("base", "delay4"), evaluated_seeds=(0,))
+    report = write_study_report(tmp_path, runs, None, ["base", "delay4"]).read_text()
+    assert "**Partial study.**" in report and "M/fast 1/3" in report and "M/idm 1/3" in report
+    verdicts = report.split("## Verdicts")[1]
+    assert "video co-training pays (provisional: 1 training seed)" in verdicts
+    assert "observation delay 4**: observation delay of 4 steps" in report  # the designed perturbation, justified
 
 
 def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):

@@ -27,6 +27,7 @@ BASE = "base"
 # door: the experts' phases only approach and then push/pull the same part).
 MULTI_STAGE = ("pick-place-v3", "push-v3", "peg-insert-side-v3")
 N_BOOT = 5000
+MIN_SEEDS = 3  # training seeds a comparison needs before its verdict stops being provisional
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,7 +104,13 @@ def _sign(r: dict | None) -> str:
     if r is None:
         return "not measured"
     lo, hi = r["ci95"]
-    return "pays" if lo > 0 else "hurts" if hi < 0 else "unresolved"
+    verdict = "pays" if lo > 0 else "hurts" if hi < 0 else "unresolved"
+    seeds = min(r["n_seeds"])
+    if seeds < MIN_SEEDS:
+        # With one training seed the bootstrap can only resample episodes: the interval leaves out the seed-to-seed
+        # spread, which in this project's earlier studies was as large as the effects themselves.
+        verdict += f" (provisional: {seeds} training seed{'s' if seeds > 1 else ''})"
+    return verdict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +213,42 @@ def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]
             "object does not mark); single-stage: the other MT10 tasks (one target, reached directly or by moving an "
             "articulated part along its constraint). Same models and episodes as above, split by task.", "",
             markdown_table(["cell", "condition", "tasks", "fast success", "joint - fast", "idm - fast"], rows), ""]
+
+
+# What each evaluation condition changes and why it may make the current frame a poor anchor for the chunk.
+CONDITION_TEXT = {
+    "replan": "re-plan every {v} actions instead of 8: the chunk runs open loop for {v} steps, so the further it "
+              "reaches the more it depends on where the robot will be rather than where it is",
+    "shift_camera": "the scene camera moved (azimuth +12 deg, elevation -7 deg, 6 cm further); trained on unshifted "
+                    "demonstrations",
+    "shift_lighting": "dimmer, warm lighting; trained on unshifted demonstrations",
+    "shift_colour": "a different table, floor and wall, and task objects with their colour channels rotated; trained "
+                    "on unshifted demonstrations",
+    "delay": "observation delay of {v} steps (designed for this study): from the second chunk on, the policy sees the "
+             "frame taken {v} steps before re-planning time and executes the part of its chunk that plans for now "
+             "(latency compensation, as with a slow camera). The observation undersells what comes next: the robot "
+             "has moved on since the frame was taken, and a model that predicts how the scene evolves should place "
+             "its later actions better than one that anchors on the stale frame",
+}
+
+
+def _condition_text(cond: str) -> str:
+    for key, text in CONDITION_TEXT.items():
+        if cond.startswith(key):
+            value = cond[len(key):]
+            if key in ("replan", "delay") and not value.isdigit():
+                continue
+            return text.format(v=value)
+    return ""
+
+
+def conditions_section(conds: list[str]) -> list[str]:
+    rows = [f"- **{_label(c)}**: {_condition_text(c)}." for c in conds if c != BASE and _condition_text(c)]
+    if not rows:
+        return []
+    return ["## Evaluation conditions", "",
+            "Every condition evaluates the same trained models on the same layouts (evaluation seeds and episodes); "
+            "the base condition re-plans every 8 actions with unshifted, current observations.", ""] + rows + [""]
 
 
 def _label(cond: str) -> str:
@@ -330,7 +373,8 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
                                                                   cells.items()) + ".", ""]
     cap_lines, points = capacity_section(out, runs, table, cells)
     map_lines, forest = imagination_section(out, table, cells, conds)
-    lines += cap_lines + map_lines + task_structure_section(table, cells, [BASE])
+    lines += progress_section(table, runs)
+    lines += cap_lines + conditions_section(conds) + map_lines + task_structure_section(table, cells, [BASE])
     lines += ["## Verdicts (computed from the intervals)", ""] + verdicts(points, forest) + [""]
     for path, title in ((_plot_capacity(out, points), "co-training against capacity"),
                         (_plot_map(out, forest), "imagination map"),
@@ -340,6 +384,24 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def progress_section(table: dict, runs: dict) -> list[str]:
+    """How much of the planned study has results: a partial study says so before its first number."""
+    planned: dict[tuple[str, str], set[int]] = {}
+    for info in runs.values():
+        if info.get("seed") is not None:  # baselines are not trained
+            planned.setdefault((info.get("cell") or "", info["variant"]), set()).add(info["seed"])
+    rows, missing = [], 0
+    for (cell, variant), seeds in sorted(planned.items()):
+        done = sorted(table.get((cell, variant, BASE), {}))
+        missing += len(seeds) - len(done)
+        rows.append(f"{cell + '/' if cell else ''}{variant} {len(done)}/{len(seeds)}")
+    if not missing:
+        return []
+    return ["**Partial study.** Training seeds evaluated so far (base condition), per model: " + ", ".join(rows)
+            + f". Comparisons with fewer than {MIN_SEEDS} training seeds are marked provisional: their intervals "
+            "cannot count the seed-to-seed spread. Re-run the command above to continue.", ""]
 
 
 def verdicts(points: list[dict], forest: list) -> list[str]:
