@@ -277,7 +277,8 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
     hi = np.array([100 * p["cotrain"]["ci95"][1] for p in pts])
     axes[0].errorbar(x, est, yerr=[est - lo, hi - est], fmt="o-", capsize=4, color="#2a7")
     axes[0].axhline(0, color="k", lw=0.8)
-    axes[0].set_title("co-training effect (fast - no_cotrain)")
+    seeds = sorted({min(p["cotrain"]["n_seeds"]) for p in pts})
+    axes[0].set_title(f"co-training effect (fast - no_cotrain; {'/'.join(map(str, seeds))} training seed(s))")
     axes[0].set_ylabel("points (hierarchical 95 % CI)")
     for v, colour in (("fast", "#2a7"), ("no_cotrain", "#a52")):
         r = [p[v] for p in pts]
@@ -323,7 +324,9 @@ def _plot_map(out: Path, forest: list) -> Path | None:
     ax.set_yticks(range(len(forest)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("success difference vs fast (points, hierarchical 95 % CI)")
-    ax.set_title("Where does test-time imagination pay?")
+    seeds = sorted({min(r["n_seeds"]) for _, _, effects in forest for r in effects.values() if r is not None})
+    ax.set_title("Where does test-time imagination pay?"
+                 + (f" (training seeds: {', '.join(map(str, seeds))})" if seeds else ""))
     ax.legend(loc="lower right")
     return save_figure(fig, out / "imagination_map.png")
 
