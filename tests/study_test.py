@@ -128,8 +128,9 @@ def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30) -> d
     return {"cells": cells}
 
 
-def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1, 2)) -> dict:
-    """Three planned training seeds per model; results on disk for `evaluated_seeds` only."""
+def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1, 2), multi_stage_rate=None) -> dict:
+    """Three planned training seeds per model; results on disk for `evaluated_seeds` only; `multi_stage_rate` (if
+    given) replaces every variant's success on the multi-stage task."""
     from fastwam.study_report import MULTI_STAGE
 
     tasks = ["reach-v3", "drawer-open-v3", MULTI_STAGE[0]]
@@ -152,7 +153,9 @@ def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1
                 d.mkdir(parents=True, exist_ok=True)
                 # IDM pays only when re-planning rarely (replan16), by 30 points; everything else is equal.
                 r = rate + (0.3 if (variant == "idm" and cond == "replan16") else 0.0)
-                (d / "results.json").write_text(json.dumps(_results({t: r for t in tasks}, seed=seed)))
+                by_task = {t: r if multi_stage_rate is None or t not in MULTI_STAGE else multi_stage_rate
+                           for t in tasks}
+                (d / "results.json").write_text(json.dumps(_results(by_task, seed=seed)))
             runs[name] = {"variant": variant, "seed": seed, "cell": "M", "run_dir": tmp_path / "runs" / name,
                           "eval_dir": evals["base"], "evals": evals}
     return runs
@@ -170,19 +173,20 @@ def test_study_report_known_answer(tmp_path):
     assert "4.0x" in report and "5.0x" in report  # the latency paid
     assert "multi-stage (1 tasks)" in report and "single-stage (2 tasks)" in report
     assert (tmp_path / "capacity.png").is_file() and (tmp_path / "imagination_map.png").is_file()
-    assert "Partial study" not in report and "provisional" not in report
+    assert "Partial study" not in report and "provisional" not in report and "At the floor" not in report
     assert "re-plan every 16**: re-plan every 16 actions" in report  # each condition explained
 
 
 def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
     from fastwam.study_report import write_study_report
 
-    runs = _synthetic_study(tmp_path, conds=("base", "delay4"), evaluated_seeds=(0,))
+    runs = _synthetic_study(tmp_path, conds=("base", "delay4"), evaluated_seeds=(0,), multi_stage_rate=0.0)
     report = write_study_report(tmp_path, runs, None, ["base", "delay4"]).read_text()
     assert "**Partial study.**" in report and "M/fast 1/3" in report and "M/idm 1/3" in report
     verdicts = report.split("## Verdicts")[1]
     assert "video co-training pays (provisional: 1 training seed)" in verdicts
     assert "observation delay 4**: observation delay of 4 steps" in report  # the designed perturbation, justified
+    assert "At the floor (no episode succeeded with any variant: M multi-stage)" in report
 
 
 def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):

@@ -187,7 +187,7 @@ def imagination_section(out: Path, table: dict, cells: dict[str, dict], conds: l
 
 
 def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]) -> list[str]:
-    rows = []
+    rows, floor = [], []
     for cell in cells:
         for cond in conds:
             fast_all = _arm(table, cell, "fast", cond)
@@ -201,18 +201,26 @@ def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]
                     continue
                 fast = _arm(table, cell, "fast", cond, subset)
                 row = [cell, _label(cond), f"{name} ({len(subset)} tasks)", _ci(_compare(fast), signed=False)]
+                arms = [fast]
                 for v in ("joint", "idm"):
                     other = _arm(table, cell, v, cond, subset)
+                    arms.append(other)
                     row.append(_ci(_compare(other, fast)) if other and set(other) == set(fast) else "-")
                 rows.append(row)
+                if not any(x for arm in arms for outcomes in arm.values() for ep in outcomes.values() for x in ep):
+                    floor.append(f"{cell} {name}")
     if not rows:
         return []
+    note = ([f"At the floor (no episode succeeded with any variant: {', '.join(floor)}): there the split cannot "
+             "show whether imagination helps, only that none of these policies solves those tasks.", ""]
+            if floor else [])
     return ["## Task structure", "",
             f"Multi-stage tasks: {', '.join(t.replace('-v3', '') for t in MULTI_STAGE)} (an object is acquired, then "
             "carried or pushed to a separate goal: the end of a chunk heads somewhere the first frame's most salient "
             "object does not mark); single-stage: the other MT10 tasks (one target, reached directly or by moving an "
             "articulated part along its constraint). Same models and episodes as above, split by task.", "",
-            markdown_table(["cell", "condition", "tasks", "fast success", "joint - fast", "idm - fast"], rows), ""]
+            markdown_table(["cell", "condition", "tasks", "fast success", "joint - fast", "idm - fast"], rows),
+            "", *note]
 
 
 # What each evaluation condition changes and why it may make the current frame a poor anchor for the chunk.
