@@ -267,8 +267,9 @@ class EvalArgs:
     # Evaluation axes (see `evaluate`): a test-time visual shift, and observation latency with compensation.
     shift: Literal["none", "camera", "lighting", "colour"] = "none"
     obs_delay: int = 0  # steps the observation lags the robot at each re-plan (0..replan-1)
-    # torch.compile the checkpoint's inference stages (on this CPU about 2x faster policy calls; the first calls of
-    # each batch shape compile, and compiled actions equal eager ones to ~1e-6, `fastwam bench latency --compile`)
+    # torch.compile the checkpoint's inference stages (small_cpu on the 2-core VM: fast calls 1.6x faster, joint /
+    # idm 1.15x; the first calls of each batch shape compile; compiled actions equal eager ones to ~1e-6, see
+    # `fastwam bench latency --compile`)
     compile: bool = False
 
 
