@@ -187,6 +187,8 @@ def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
     assert "video co-training pays (provisional: 1 training seed)" in verdicts
     assert "observation delay 4**: observation delay of 4 steps" in report  # the designed perturbation, justified
     assert "At the floor (no episode succeeded with any variant: M multi-stage)" in report
+    cotrain = report.split("## Co-training under each evaluation condition")[1]
+    assert "| M | observation delay 4 |" in cotrain and "pays (provisional: 1 training seed)" in cotrain
 
 
 def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):

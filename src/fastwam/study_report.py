@@ -152,6 +152,30 @@ def capacity_section(out: Path, runs: dict, table: dict, cells: dict[str, dict])
     return lines, points
 
 
+def cotrain_conditions_section(table: dict, cells: dict[str, dict], conds: list[str]) -> list[str]:
+    """Co-training (fast - no_cotrain) under every evaluation condition both variants were evaluated in: whether
+    the video loss buys robustness (to shifts, open-loop length, stale frames) beyond the base condition."""
+    rows = []
+    for cell in cells:
+        for cond in conds:
+            if cond == BASE:
+                continue
+            fast, none = _arm(table, cell, "fast", cond), _arm(table, cell, "no_cotrain", cond)
+            if not fast or not none or set(fast) != set(none):
+                continue
+            co = _compare(fast, none)
+            rows.append([cell, _label(cond), _ci(_compare(fast), signed=False), _ci(_compare(none), signed=False),
+                         _ci(co), f"{100 * co['mde80']:.1f}", _sign(co)])
+    if not rows:
+        return []
+    return ["## Co-training under each evaluation condition", "",
+            "The same fast and no_cotrain models as in the capacity table, evaluated under the conditions below: "
+            "does training with the video loss make the policy more robust, not only better on the training "
+            "distribution?", "",
+            markdown_table(["cell", "condition", "fast", "no_cotrain", "co-training (fast - no_cotrain), points",
+                            "MDE", "verdict"], rows), ""]
+
+
 def imagination_section(out: Path, table: dict, cells: dict[str, dict], conds: list[str]) -> tuple[list[str], list]:
     lines, rows, forest = [], [], []
     for cell in cells:
@@ -386,6 +410,7 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     map_lines, forest = imagination_section(out, table, cells, conds)
     lines += progress_section(table, runs)
     lines += cap_lines + conditions_section(conds) + map_lines + task_structure_section(table, cells, [BASE])
+    lines += cotrain_conditions_section(table, cells, conds)
     lines += ["## Verdicts (computed from the intervals)", ""] + verdicts(points, forest) + [""]
     for path, title in ((_plot_capacity(out, points), "co-training against capacity"),
                         (_plot_map(out, forest), "imagination map"),
