@@ -447,8 +447,8 @@ def verdicts(points: list[dict], forest: list) -> list[str]:
         if co is None:
             continue
         out.append(f"- Cell {p['cell']} ({(p['video_params'] or 0) / 1e6:.1f}M video parameters): video co-training "
-                   f"{_sign(co)} ({_ci(co)} points; MDE {100 * co['mde80']:.1f}).")
+                   f"{_ci(co)} points (MDE {100 * co['mde80']:.1f}): {_sign(co)}.")
     for cell, cond, effects in forest:
-        parts = [f"{v} {_sign(r)} ({_ci(r)})" for v, r in effects.items() if r is not None]
+        parts = [f"{v} {_ci(r)}: {_sign(r)}" for v, r in effects.items() if r is not None]
         out.append(f"- Cell {cell}, {_label(cond)}: imagination " + "; ".join(parts) + ".")
     return out or ["- No comparison has results yet."]
