@@ -331,6 +331,7 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
         ax.set_xscale("log")
         ax.set_xlabel("video expert parameters (M)")
         ax.set_xticks(x, [f"{v:.1f}" for v in x])
+        ax.set_xticks([], minor=True)  # a log axis labels its minor ticks too (2x10^0 ...), on top of the sizes
     return save_figure(fig, out / "capacity.png")
 
 
