@@ -92,6 +92,19 @@ def test_scripted_expert_scores_near_100_through_the_harness(tmp_path):
     assert all(c["env_seed"] == mwe.EVAL_SEED_BASE for c in res["cells"])
     assert all(0 < n < 200 for c in res["cells"] for n, ok in zip(c["episode_length"], c["episode_success"]) if ok)
     assert "harness check" in (tmp_path / "summary.md").read_text()
+    # the episode's highest shaped reward: Meta-World's rewards run 0-10, and a solved episode got far along them
+    rewards = [(r, ok) for c in res["cells"] for r, ok in zip(c["episode_max_reward"], c["episode_success"])]
+    assert len(rewards) == 9 and all(0.0 <= r <= 10.0 for r, _ in rewards)
+    assert all(r > 5.0 for r, ok in rewards if ok)
+
+
+def test_progress_tells_apart_policies_that_all_fail():
+    """With too few steps to succeed, the expert still climbs Meta-World's shaped reward; zero actions do not."""
+    runs = {p: mwe.evaluate(p, ["pick-place-v3"], episodes=2, seeds=[0], workers=0, num_envs=2, video_episodes=0,
+                            max_steps=35, progress=False)["cells"][0] for p in ("scripted", "zero")}
+    assert runs["scripted"]["episode_success"] == runs["zero"]["episode_success"] == [0, 0]
+    # measured: expert 0.15-0.19 (reaching for the object), zero actions 0.003-0.023
+    assert min(runs["scripted"]["episode_max_reward"]) > 4 * max(runs["zero"]["episode_max_reward"])
 
 
 def test_episodes_do_not_depend_on_workers_or_env_count():
@@ -273,3 +286,9 @@ def test_hierarchical_bootstrap_single_rate_and_errors():
         stats.hierarchical_bootstrap([{"a": [1, 0]}, {"a": [1]}])
     with pytest.raises(ValueError, match="paired"):
         stats.hierarchical_bootstrap([{"a": [1, 0]}], [{"a": [1]}])
+    # scores in [0, 1] (e.g. progress) are outcomes too; anything outside, or NaN, is refused
+    score = stats.hierarchical_bootstrap([{"a": [0.25, 0.75]}], n_boot=200)
+    assert score["estimate"] == pytest.approx(0.5) and 0.25 <= score["ci95"][0] <= score["ci95"][1] <= 0.75
+    for bad in ([1.5, 0.0], [float("nan"), 0.0], [-0.1, 0.0]):
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            stats.hierarchical_bootstrap([{"a": bad}])

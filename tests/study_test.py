@@ -119,13 +119,16 @@ def test_restarted_driver_watches_a_running_job(tmp_path, capsys):
 # The report on synthetic results with a known answer
 
 
-def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30) -> dict:
+def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30, reward_by_task=None) -> dict:
     rng = np.random.default_rng(seed)
     cells = []
     for task, rate in rate_by_task.items():
         for eval_seed in (0, 1):
             outcomes = (rng.random(episodes) < rate).astype(int).tolist()
             cells.append({"task": task, "seed": eval_seed, "episode_success": outcomes})
+            if reward_by_task is not None:  # highest shaped reward per episode (0-10)
+                cells[-1]["episode_max_reward"] = np.clip(reward_by_task[task] + rng.normal(0, 0.3, episodes), 0,
+                                                          10).round(4).tolist()
     return {"cells": cells}
 
 
@@ -156,7 +159,11 @@ def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1
                 r = rate + (0.3 if (variant == "idm" and cond == "replan16") else 0.0)
                 by_task = {t: r if multi_stage_rate is None or t not in MULTI_STAGE else multi_stage_rate
                            for t in tasks}
-                (d / "results.json").write_text(json.dumps(_results(by_task, seed=seed)))
+                # with the floor case, progress is recorded too: IDM gets 3 reward points further on the
+                # multi-stage task (30 % of the scale), everything else is equal
+                rewards = None if multi_stage_rate is None else {
+                    t: 1.0 + (3.0 if (variant == "idm" and t in MULTI_STAGE) else 0.0) for t in tasks}
+                (d / "results.json").write_text(json.dumps(_results(by_task, seed=seed, reward_by_task=rewards)))
             runs[name] = {"variant": variant, "seed": seed, "cell": "M", "run_dir": tmp_path / "runs" / name,
                           "eval_dir": evals["base"], "evals": evals}
     return runs
@@ -177,6 +184,8 @@ def test_study_report_known_answer(tmp_path):
     assert "multi-stage (1 tasks)" in report and "single-stage (2 tasks)" in report
     assert (tmp_path / "capacity.png").is_file() and (tmp_path / "imagination_map.png").is_file()
     assert "Partial study" not in report and "provisional" not in report and "At the floor" not in report
+    single = next(line for line in report.splitlines() if line.startswith("| M | base (re-plan every 8) | single"))
+    assert single.endswith("| - | - | - |")  # no progress recorded: no progress columns filled
     assert "re-plan every 16**: re-plan every 16 actions" in report  # each condition explained
 
 
@@ -190,6 +199,12 @@ def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
     assert re.search(r"video co-training .*: pays \(provisional: 1 training seed\)\.", verdicts)
     assert "observation delay 4**: observation delay of 4 steps" in report  # the designed perturbation, justified
     assert "At the floor (no episode succeeded with any variant: M multi-stage)" in report
+    multi = next(line for line in report.splitlines() if line.startswith("| M | base (re-plan every 8) | multi-stage"))
+    fast_progress, joint_progress, idm_progress = multi.strip("| ").split(" | ")[-3:]
+    estimate = lambda cell: float(cell.split()[0])  # noqa: E731
+    # progress still separates what success cannot: fast ~10 %, joint the same, idm +30 points
+    assert estimate(fast_progress) == pytest.approx(10, abs=2) and estimate(joint_progress) == pytest.approx(0, abs=2)
+    assert estimate(idm_progress) == pytest.approx(30, abs=3) and idm_progress.split("[")[1].startswith("+")
     cotrain = report.split("## Co-training under each evaluation condition")[1]
     assert "| M | observation delay 4 |" in cotrain and "pays (provisional: 1 training seed)" in cotrain
 

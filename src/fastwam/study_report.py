@@ -34,10 +34,19 @@ MIN_SEEDS = 3  # training seeds a comparison needs before its verdict stops bein
 # Loading
 
 
-def _outcomes(results: dict, tasks: tuple[str, ...] | None = None) -> dict[str, list[int]]:
-    """(task|eval seed) -> per-episode 0/1 outcomes of one evaluation (optionally only some tasks)."""
+def _outcomes(results: dict, tasks: tuple[str, ...] | None = None, metric: str = "success") -> dict[str, list]:
+    """(task|eval seed) -> per-episode outcomes of one evaluation (optionally only some tasks): 0/1 success, or
+    (metric "progress") the episode's highest shaped reward / 10, Meta-World's rewards being 0-10 progress signals."""
+    if metric == "progress":
+        return {f"{c['task']}|{c['seed']}": [x / 10.0 for x in c["episode_max_reward"]] for c in results["cells"]
+                if tasks is None or c["task"] in tasks}
     return {f"{c['task']}|{c['seed']}": list(c["episode_success"]) for c in results["cells"]
             if tasks is None or c["task"] in tasks}
+
+
+def _has_progress(results: dict) -> bool:
+    """Evaluations before 2026-12-01 recorded success only."""
+    return all("episode_max_reward" in c for c in results["cells"])
 
 
 def load(runs: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
@@ -54,8 +63,11 @@ def load(runs: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
     return table
 
 
-def _arm(table, cell: str, variant: str, cond: str, tasks=None) -> dict[int, dict[str, list[int]]]:
-    return {s: _outcomes(r, tasks) for s, r in sorted(table.get((cell, variant, cond), {}).items())}
+def _arm(table, cell: str, variant: str, cond: str, tasks=None, metric: str = "success") -> dict[int, dict]:
+    results = sorted(table.get((cell, variant, cond), {}).items())
+    if metric == "progress" and not all(_has_progress(r) for _, r in results):
+        return {}
+    return {s: _outcomes(r, tasks, metric) for s, r in results}
 
 
 def _compare(a: dict[int, dict], b: dict[int, dict] | None = None) -> dict | None:
@@ -230,20 +242,32 @@ def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]
                     other = _arm(table, cell, v, cond, subset)
                     arms.append(other)
                     row.append(_ci(_compare(other, fast)) if other and set(other) == set(fast) else "-")
+                # progress: the same comparison on the episode's highest shaped reward (/ 10), which still moves
+                # where success sits at 0 (evaluations that recorded it only)
+                fast_p = _arm(table, cell, "fast", cond, subset, "progress")
+                row.append(_ci(_compare(fast_p), signed=False) if fast_p else "-")
+                for v in ("joint", "idm"):
+                    other = _arm(table, cell, v, cond, subset, "progress")
+                    row.append(_ci(_compare(other, fast_p)) if fast_p and other and set(other) == set(fast_p)
+                               else "-")
                 rows.append(row)
                 if not any(x for arm in arms for outcomes in arm.values() for ep in outcomes.values() for x in ep):
                     floor.append(f"{cell} {name}")
     if not rows:
         return []
     note = ([f"At the floor (no episode succeeded with any variant: {', '.join(floor)}): there the split cannot "
-             "show whether imagination helps, only that none of these policies solves those tasks.", ""]
+             "show whether imagination helps, only that none of these policies solves those tasks (progress, where "
+             "recorded, still compares how far they get).", ""]
             if floor else [])
     return ["## Task structure", "",
             f"Multi-stage tasks: {', '.join(t.replace('-v3', '') for t in MULTI_STAGE)} (an object is acquired, then "
             "carried or pushed to a separate goal: the end of a chunk heads somewhere the first frame's most salient "
             "object does not mark); single-stage: the other MT10 tasks (one target, reached directly or by moving an "
-            "articulated part along its constraint). Same models and episodes as above, split by task.", "",
-            markdown_table(["cell", "condition", "tasks", "fast success", "joint - fast", "idm - fast"], rows),
+            "articulated part along its constraint). Same models and episodes as above, split by task. Progress: "
+            "the episode's highest shaped reward in % of Meta-World's 0-10 scale (reaching, grasping, carrying "
+            "each raise it), which tells apart policies that all fail.", "",
+            markdown_table(["cell", "condition", "tasks", "fast success", "joint - fast", "idm - fast",
+                            "fast progress", "joint - fast (progress)", "idm - fast (progress)"], rows),
             "", *note]
 
 

@@ -56,6 +56,9 @@ class _Slot:
     spec: EpisodeSpec | None = None
     steps: int = 0
     success: bool = False
+    # the episode's highest shaped reward (Meta-World's 0-10 progress signal: reaching, grasping, placing), which
+    # separates "got nowhere" from "grasped but missed the goal" where success alone reads 0 for both
+    max_reward: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
 
 
@@ -129,7 +132,7 @@ class _Worker:
         self._acquire(slot, spec)
         obs = slot.env.reset()
         slot.resets += 1
-        slot.spec, slot.steps, slot.success = spec, 0, False
+        slot.spec, slot.steps, slot.success, slot.max_reward = spec, 0, False, 0.0
         slot.frames = [compose_frame(obs["images"], self.settings.cameras)] if spec.record else []
         return obs
 
@@ -152,7 +155,8 @@ class _Worker:
             action = slot.env.expert_action() if actions is None else actions[j]
             render = slot.spec.record or j == at - 1
             kw = {"render": render} if self.step_render_flag else {}
-            obs, _reward, success, done = slot.env.step(action, **kw)
+            obs, reward, success, done = slot.env.step(action, **kw)
+            slot.max_reward = max(slot.max_reward, float(reward))
             if j == at - 1:
                 kept = obs
             slot.steps += 1
@@ -163,7 +167,7 @@ class _Worker:
                 slot.success = True
             if success or done:  # success ends the episode at once (the paper's protocol and Meta-World's)
                 ended = {"spec": slot.spec, "success": slot.success, "length": slot.steps,
-                         "frames": np.stack(slot.frames) if slot.frames else None}
+                         "max_reward": slot.max_reward, "frames": np.stack(slot.frames) if slot.frames else None}
                 slot.spec, slot.frames = None, []
                 return None, ended, taken
         return kept, None, taken

@@ -140,7 +140,8 @@ def bootstrap_diff_ci(
             "paired": paired}
 
 
-Runs = Sequence[Mapping[str, Sequence[int]]]  # one entry per training seed: cell name -> per-episode 0/1 outcomes
+# one entry per training seed: cell name -> per-episode outcomes (0/1 success, or a score in [0, 1])
+Runs = Sequence[Mapping[str, Sequence[float]]]
 Z80 = 0.8416212335729143  # one-sided 80 % quantile: power 0.8 for the minimum detectable effect
 
 
@@ -151,8 +152,10 @@ def _run_arrays(runs: Runs, cells: list[str], what: str) -> list[np.ndarray]:
         rows = [np.asarray(r[c], dtype=float).ravel() for r in runs]
         if len({x.size for x in rows}) != 1 or rows[0].size == 0:
             raise ValueError(f"{what}: cell {c!r} has different (or no) episode counts across training seeds")
-        if not np.isin(np.concatenate(rows), (0.0, 1.0)).all():
-            raise ValueError(f"{what}: outcomes must be 0/1")
+        values = np.concatenate(rows)
+        if not (np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()):
+            raise ValueError(f"{what}: outcomes must be in [0, 1] (0/1 success, or a per-episode score such as "
+                             "progress)")
         out.append(np.stack(rows))
     return out
 
@@ -168,7 +171,8 @@ def hierarchical_bootstrap(
 ) -> dict:
     """Two-level percentile bootstrap of a success rate (b = None) or of a difference a - b, counting training seeds.
 
-    `a` / `b`: one mapping per training seed (cell name, e.g. "task|eval_seed" -> 0/1 outcome per episode). A run's
+    `a` / `b`: one mapping per training seed (cell name, e.g. "task|eval_seed" -> per-episode outcome: 0/1 success,
+    or any score in [0, 1], e.g. progress; the resampling does not assume Bernoulli outcomes). A run's
     success is the unweighted mean of its per-cell rates; a variant's is the mean over its training seeds. Each
     bootstrap replicate (1) resamples each arm's training seeds with replacement (the arms independently: they are
     separately trained models), then (2) resamples the episodes of every cell with replacement, with the SAME episode
