@@ -190,10 +190,20 @@ def test_study_report_known_answer(tmp_path):
 
 
 def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
-    from fastwam.study_report import write_study_report
+    from fastwam.study_report import MULTI_STAGE, write_study_report
 
     runs = _synthetic_study(tmp_path, conds=("base", "delay4"), evaluated_seeds=(0,), multi_stage_rate=0.0)
+    # joint's second seed is evaluated before fast's: comparisons keep to the seeds both arms have
+    joint1 = runs["M/joint_s1"]["eval_dir"]
+    joint1.mkdir(parents=True)
+    (joint1 / "results.json").write_text(json.dumps(_results({"reach-v3": 0.9, "drawer-open-v3": 0.9,
+                                                               MULTI_STAGE[0]: 0.0}, seed=1)))
     report = write_study_report(tmp_path, runs, None, ["base", "delay4"]).read_text()
+    imagination_map = report.split("## The imagination map")[1].split("## Task structure")[0]
+    base_row = next(line for line in imagination_map.splitlines() if line.startswith("| M | base (re-plan every 8) |"))
+    joint_effect = base_row.strip("| ").split(" | ")[3]
+    assert float(joint_effect.split()[0]) == pytest.approx(0, abs=8)  # seed 0 only: joint = fast there
+    assert "M/joint 2/3" in report
     assert "**Partial study.**" in report and "M/fast 1/3" in report and "M/idm 1/3" in report
     verdicts = report.split("## Verdicts")[1]
     assert re.search(r"video co-training .*: pays \(provisional: 1 training seed\)\.", verdicts)

@@ -65,12 +65,15 @@ def load(runs: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
 
 def _arm(table, cell: str, variant: str, cond: str, tasks=None, metric: str = "success") -> dict[int, dict]:
     results = sorted(table.get((cell, variant, cond), {}).items())
-    if metric == "progress" and not all(_has_progress(r) for _, r in results):
-        return {}
-    return {s: _outcomes(r, tasks, metric) for s, r in results}
+    return {s: _outcomes(r, tasks, metric) for s, r in results if metric != "progress" or _has_progress(r)}
 
 
 def _compare(a: dict[int, dict], b: dict[int, dict] | None = None) -> dict | None:
+    """A success rate (b None) or the difference a - b over the training seeds both arms have (a later seed that one
+    arm has and the other not yet waits: a balanced design, and no comparison vanishes mid-study)."""
+    if b is not None:
+        common = set(a) & set(b)
+        a, b = {s: a[s] for s in sorted(common)}, {s: b[s] for s in sorted(common)}
     if not a or (b is not None and not b):
         return None
     return hierarchical_bootstrap(list(a.values()), None if b is None else list(b.values()), n_boot=N_BOOT)
@@ -135,7 +138,7 @@ def capacity_section(out: Path, runs: dict, table: dict, cells: dict[str, dict])
         fast, none = _arm(table, cell, "fast", BASE), _arm(table, cell, "no_cotrain", BASE)
         if not fast and not none:
             continue
-        co = _compare(fast, none) if fast and none and set(fast) == set(none) else None
+        co = _compare(fast, none)
         params = _cell_params(out, cell).get("params", {})
         losses = [_video_loss(i["run_dir"]) for i in runs.values()
                   if i.get("cell") == cell and i["variant"] == "fast"]
@@ -173,9 +176,9 @@ def cotrain_conditions_section(table: dict, cells: dict[str, dict], conds: list[
             if cond == BASE:
                 continue
             fast, none = _arm(table, cell, "fast", cond), _arm(table, cell, "no_cotrain", cond)
-            if not fast or not none or set(fast) != set(none):
-                continue
             co = _compare(fast, none)
+            if co is None:
+                continue
             rows.append([cell, _label(cond), _ci(_compare(fast), signed=False), _ci(_compare(none), signed=False),
                          _ci(co), f"{100 * co['mde80']:.1f}", _sign(co)])
     if not rows:
@@ -202,7 +205,7 @@ def imagination_section(out: Path, table: dict, cells: dict[str, dict], conds: l
             effects = {}
             for v in ("joint", "idm"):
                 other = _arm(table, cell, v, cond)
-                effects[v] = _compare(other, fast) if other and set(other) == set(fast) else None
+                effects[v] = _compare(other, fast)
             row = [cell, _label(cond), _ci(_compare(fast), signed=False)]
             for v in ("joint", "idm"):
                 r = effects[v]
@@ -241,15 +244,14 @@ def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]
                 for v in ("joint", "idm"):
                     other = _arm(table, cell, v, cond, subset)
                     arms.append(other)
-                    row.append(_ci(_compare(other, fast)) if other and set(other) == set(fast) else "-")
+                    row.append(_ci(_compare(other, fast)))
                 # progress: the same comparison on the episode's highest shaped reward (/ 10), which still moves
                 # where success sits at 0 (evaluations that recorded it only)
                 fast_p = _arm(table, cell, "fast", cond, subset, "progress")
                 row.append(_ci(_compare(fast_p), signed=False) if fast_p else "-")
                 for v in ("joint", "idm"):
                     other = _arm(table, cell, v, cond, subset, "progress")
-                    row.append(_ci(_compare(other, fast_p)) if fast_p and other and set(other) == set(fast_p)
-                               else "-")
+                    row.append(_ci(_compare(other, fast_p)))
                 rows.append(row)
                 if not any(x for arm in arms for outcomes in arm.values() for ep in outcomes.values() for x in ep):
                     floor.append(f"{cell} {name}")
