@@ -118,7 +118,7 @@ def _run(mode: str, records: list[tuple[str, int, int, bool]]) -> dict:
     return {"mode": mode, "calls": [{"ms": 5.0, "batch": 1, "cells": [(TASK, 0)]}], "videos": [], "env_steps": 30,
             "rollout_s": 1.0, "overhead": {},
             "records": [{"task": t, "seed": s, "env_seed": mwe.env_seed_for(s), "episode": e, "success": ok,
-                         "length": 10} for t, s, e, ok in records]}
+                         "length": 10, "max_reward": 10.0 if ok else 1.0} for t, s, e, ok in records]}
 
 
 def test_partial_results_count_what_finished_and_the_modes_not_reached():

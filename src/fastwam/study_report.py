@@ -37,11 +37,10 @@ MIN_SEEDS = 3  # training seeds a comparison needs before its verdict stops bein
 def _outcomes(results: dict, tasks: tuple[str, ...] | None = None, metric: str = "success") -> dict[str, list]:
     """(task|eval seed) -> per-episode outcomes of one evaluation (optionally only some tasks): 0/1 success, or
     (metric "progress") the episode's highest shaped reward / 10, Meta-World's rewards being 0-10 progress signals."""
-    if metric == "progress":
-        return {f"{c['task']}|{c['seed']}": [x / 10.0 for x in c["episode_max_reward"]] for c in results["cells"]
-                if tasks is None or c["task"] in tasks}
-    return {f"{c['task']}|{c['seed']}": list(c["episode_success"]) for c in results["cells"]
-            if tasks is None or c["task"] in tasks}
+    def values(c: dict) -> list:
+        return [x / 10.0 for x in c["episode_max_reward"]] if metric == "progress" else list(c["episode_success"])
+
+    return {f"{c['task']}|{c['seed']}": values(c) for c in results["cells"] if tasks is None or c["task"] in tasks}
 
 
 def _has_progress(results: dict) -> bool:
@@ -113,6 +112,11 @@ def _ci(r: dict | None, signed: bool = True) -> str:
 
 def _seeds(r: dict | None, key: str = "per_seed_a") -> str:
     return "-" if r is None else " / ".join(f"{100 * x:.0f}" for x in r[key])
+
+
+def _seed_counts(results) -> list[int]:
+    """The distinct numbers of training seeds the given comparisons rest on (None entries skipped)."""
+    return sorted({min(r["n_seeds"]) for r in results if r is not None})
 
 
 def _sign(r: dict | None) -> str:
@@ -238,23 +242,17 @@ def task_structure_section(table: dict, cells: dict[str, dict], conds: list[str]
             for name, subset in (("multi-stage", multi), ("single-stage", single)):
                 if not subset:
                     continue
-                fast = _arm(table, cell, "fast", cond, subset)
-                row = [cell, _label(cond), f"{name} ({len(subset)} tasks)", _ci(_compare(fast), signed=False)]
-                arms = [fast]
-                for v in ("joint", "idm"):
-                    other = _arm(table, cell, v, cond, subset)
-                    arms.append(other)
-                    row.append(_ci(_compare(other, fast)))
-                # progress: the same comparison on the episode's highest shaped reward (/ 10), which still moves
-                # where success sits at 0 (evaluations that recorded it only)
-                fast_p = _arm(table, cell, "fast", cond, subset, "progress")
-                row.append(_ci(_compare(fast_p), signed=False) if fast_p else "-")
-                for v in ("joint", "idm"):
-                    other = _arm(table, cell, v, cond, subset, "progress")
-                    row.append(_ci(_compare(other, fast_p)))
+                row = [cell, _label(cond), f"{name} ({len(subset)} tasks)"]
+                # success, then progress: the same comparison on the episode's highest shaped reward (/ 10), which
+                # still moves where success sits at 0 (evaluations that recorded it only)
+                for metric in ("success", "progress"):
+                    arms = {v: _arm(table, cell, v, cond, subset, metric) for v in ("fast", "joint", "idm")}
+                    row.append(_ci(_compare(arms["fast"]), signed=False))
+                    row += [_ci(_compare(arms[v], arms["fast"])) for v in ("joint", "idm")]
+                    if metric == "success" and not any(x for arm in arms.values() for outcomes in arm.values()
+                                                       for ep in outcomes.values() for x in ep):
+                        floor.append(f"{cell} {name}")
                 rows.append(row)
-                if not any(x for arm in arms for outcomes in arm.values() for ep in outcomes.values() for x in ep):
-                    floor.append(f"{cell} {name}")
     if not rows:
         return []
     note = ([f"At the floor (no episode succeeded with any variant: {', '.join(floor)}): there the split cannot "
@@ -301,7 +299,7 @@ def _condition_text(cond: str) -> str:
 
 
 def conditions_section(conds: list[str]) -> list[str]:
-    rows = [f"- **{_label(c)}**: {_condition_text(c)}." for c in conds if c != BASE and _condition_text(c)]
+    rows = [f"- **{_label(c)}**: {text}." for c in conds if c != BASE and (text := _condition_text(c))]
     if not rows:
         return []
     return ["## Evaluation conditions", "",
@@ -335,7 +333,7 @@ def _plot_capacity(out: Path, points: list[dict]) -> Path | None:
     hi = np.array([100 * p["cotrain"]["ci95"][1] for p in pts])
     axes[0].errorbar(x, est, yerr=[est - lo, hi - est], fmt="o-", capsize=4, color="#2a7")
     axes[0].axhline(0, color="k", lw=0.8)
-    seeds = sorted({min(p["cotrain"]["n_seeds"]) for p in pts})
+    seeds = _seed_counts(p["cotrain"] for p in pts)
     axes[0].set_title(f"co-training effect (fast - no_cotrain; {'/'.join(map(str, seeds))} training seed(s))")
     axes[0].set_ylabel("points (hierarchical 95 % CI)")
     for v, colour in (("fast", "#2a7"), ("no_cotrain", "#a52")):
@@ -383,7 +381,7 @@ def _plot_map(out: Path, forest: list) -> Path | None:
     ax.set_yticks(range(len(forest)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("success difference vs fast (points, hierarchical 95 % CI)")
-    seeds = sorted({min(r["n_seeds"]) for _, _, effects in forest for r in effects.values() if r is not None})
+    seeds = _seed_counts(r for _, _, effects in forest for r in effects.values())
     ax.set_title("Where does test-time imagination pay?"
                  + (f" (training seeds: {', '.join(map(str, seeds))})" if seeds else ""))
     ax.legend(loc="lower right")
@@ -435,7 +433,7 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
                                                                   cells.items()) + ".", ""]
     cap_lines, points = capacity_section(out, runs, table, cells)
     map_lines, forest = imagination_section(out, table, cells, conds)
-    lines += progress_section(table, runs)
+    lines += status_section(table, runs)
     lines += cap_lines + conditions_section(conds) + map_lines + task_structure_section(table, cells, [BASE])
     lines += cotrain_conditions_section(table, cells, conds)
     lines += ["## Verdicts (computed from the intervals)", ""] + verdicts(points, forest) + [""]
@@ -449,7 +447,7 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     return report
 
 
-def progress_section(table: dict, runs: dict) -> list[str]:
+def status_section(table: dict, runs: dict) -> list[str]:
     """How much of the planned study has results: a partial study says so before its first number."""
     planned: dict[tuple[str, str], set[int]] = {}
     for info in runs.values():

@@ -60,7 +60,7 @@ def _assemble(adapter: _Adapter, runs: list[dict], modes: list[str], tasks: list
                         "latency": _latency([c for c in run["calls"] if any(tuple(x) == (t, s) for x in c["cells"])]),
                         "episode_success": [int(r["success"]) for r in recs],
                         "episode_length": [r["length"] for r in recs],
-                        "episode_max_reward": [round(r.get("max_reward", 0.0), 4) for r in recs]}
+                        "episode_max_reward": [round(r["max_reward"], 4) for r in recs]}
                 if partial:  # which episodes finished (they need not be the first ones)
                     cell.update(episodes_planned=episodes, episode_index=[r["episode"] for r in recs])
                 cells.append(cell)

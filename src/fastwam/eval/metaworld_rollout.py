@@ -182,7 +182,7 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
             spec: EpisodeSpec = e["spec"]
             records.append({"task": spec.task, "seed": spec.seed, "env_seed": spec.env_seed,
                             "episode": spec.episode, "success": bool(e["success"]), "length": int(e["length"]),
-                            "max_reward": float(e.get("max_reward", 0.0))})
+                            "max_reward": float(e["max_reward"])})
             successes += bool(e["success"])
             if e["frames"] is not None and out is not None:
                 outcome = "success" if e["success"] else "fail"
