@@ -40,6 +40,10 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48"]) == 0
     first = capsys.readouterr().out
     assert "train_fast_s0: finished" in first and "eval_baseline_random: finished" in first
+    assert "[ablate] 8/8 jobs done" in first  # the progress line after the last job
+    assert set(ablate.load_durations(out / "logs")) == {"data", "train_fast_s0", "train_no_cotrain_s0", "eval_fast_s0",
+                                                        "eval_no_cotrain_s0", "eval_baseline_zero",
+                                                        "eval_baseline_random", "latency"}
     for name in ("fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"):
         results = json.loads((out / "eval" / name / "results.json").read_text())
         assert results["cells"][0]["task"] == TASK and results["cells"][0]["episodes"] == 1

@@ -113,6 +113,43 @@ def test_restarted_driver_watches_a_running_job(tmp_path, capsys):
     assert "still running" in text and "j: finished" in text and "starting" not in text
     assert done.exists() and time.time() - t0 >= 1.0
     assert not (out / "logs" / "j.pid").exists()
+    assert ablate.load_durations(out / "logs") == {}  # its start is unknown: no duration recorded for it
+
+
+def test_a_resumed_job_records_no_duration(tmp_path, capsys):
+    out, work = tmp_path / "o", tmp_path / "checkpoints"
+    make = [sys.executable, "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x')"]
+    fresh = ablate.Job("fresh", make + [str(tmp_path / "a")], tmp_path / "a", resumes_from=tmp_path / "none")
+    work.mkdir()  # earlier work to continue from
+    resumed = ablate.Job("resumed", make + [str(tmp_path / "b")], tmp_path / "b", resumes_from=work)
+    ablate.run_jobs([fresh, resumed], out, parallel=1)
+    assert "resumed: finished" in capsys.readouterr().out
+    assert set(ablate.load_durations(out / "logs")) == {"fresh"}
+
+
+def test_progress_estimates_pending_jobs_from_other_seeds(tmp_path):
+    """A job's expected time is the median of the same job for the training seeds that finished it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert ablate.load_durations(logs) == {}
+    for name, minutes in [("train_M_idm_s0", 50.0), ("train_M_idm_s1", 70.0), ("train_M_idm_s3", 90.0),
+                          ("eval_M_idm_s0_replan4", 9.0), ("eval_M_idm_s0", 5.0)]:
+        ablate.record_duration(logs, name, minutes)
+    durations = ablate.load_durations(logs)
+    assert durations["train_M_idm_s1"] == 70.0 and not (logs / "durations.json.tmp").exists()
+    assert ablate.estimate_minutes("train_M_idm_s2", durations) == 70.0
+    # Same job, not a prefix: the replan4 axis is not the base evaluation, and M is not L.
+    assert ablate.estimate_minutes("eval_M_idm_s2", durations) == 5.0
+    assert ablate.estimate_minutes("eval_M_idm_s2_replan4", durations) == 9.0
+    assert ablate.estimate_minutes("train_L_idm_s2", durations) is None
+    # 70 + 5 pending, 30 of the running job's 70 left; one job never timed is left out and said so.
+    line = ablate.progress_line(5, 9, ["train_M_idm_s2", "eval_M_idm_s2", "train_L_idm_s0"],
+                                {"train_M_idm_s4": 40.0}, durations, parallel=2)
+    assert line.startswith("[ablate] 5/9 jobs done, 1 running")
+    assert "~1.8 h of job time left (~0.9 h wall at 2 in parallel)" in line and "1 job(s) not yet timed" in line
+    assert "left" not in ablate.progress_line(9, 9, [], {}, durations, parallel=2)
+    (logs / "durations.json").write_text("{not json")  # a damaged file costs the estimate, not the study
+    assert ablate.load_durations(logs) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

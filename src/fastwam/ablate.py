@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +75,9 @@ class Job:
     # Among ready jobs, lower runs first: base evaluations (0), trainings (1), then evaluations along the axes (2),
     # so an interrupted sweep has whole trainings and their base results rather than many axes of a few models.
     priority: int = 0
+    # A folder whose presence at start means the job resumes work done before (a training's checkpoints): its time
+    # then covers only the remainder and is not recorded as the job's duration.
+    resumes_from: Path | None = None
 
     def is_done(self) -> bool:
         """The output exists and is whole: an evaluation stopped by Ctrl-C writes results.json marked partial, which
@@ -227,7 +232,8 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
             train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final,
-                                  after=("data",) if not args.dataset else (), priority=1))
+                                  after=("data",) if not args.dataset else (), priority=1,
+                                  resumes_from=run_dir / "checkpoints"))
             evals = {}
             for cond, options in conds.items():
                 if cond != BASE and cell not in axis_cells:
@@ -319,6 +325,58 @@ def _adopt(pid_file: Path) -> _Adopted | None:
     return _Adopted(pid) if _alive_fastwam(pid) else None
 
 
+def _seedless(name: str) -> str:
+    """"eval_M_idm_s2_replan4" -> "eval_M_idm_s*_replan4": the same job for another training seed."""
+    return re.sub(r"_s\d+(?=_|$)", "_s*", name)
+
+
+def load_durations(logs: Path) -> dict[str, float]:
+    """Minutes each finished job took (OUT/logs/durations.json); {} when there is none or it is unreadable."""
+    try:
+        data = json.loads((logs / "durations.json").read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def record_duration(logs: Path, name: str, minutes: float) -> None:
+    durations = load_durations(logs)
+    durations[name] = round(minutes, 2)
+    tmp = logs / "durations.json.tmp"
+    tmp.write_text(json.dumps(durations, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, logs / "durations.json")  # atomic: a driver killed mid-write leaves the old file
+
+
+def estimate_minutes(name: str, durations: dict[str, float]) -> float | None:
+    """The median time of the same job for the training seeds that ran it start to finish; None when none has."""
+    same = [m for n, m in durations.items() if _seedless(n) == _seedless(name)]
+    return statistics.median(same) if same else None
+
+
+def progress_line(n_done: int, n_total: int, pending: list[str], running: dict[str, float],
+                  durations: dict[str, float], parallel: int) -> str:
+    """"[ablate] 150/230 jobs done; ~5.9 h of job time left (~3.0 h wall at 2 in parallel) ...": the estimate
+    counts the pending jobs and the running ones' remainders (running maps a name to minutes elapsed)."""
+    left, unknown = 0.0, 0
+    for name in pending:
+        est = estimate_minutes(name, durations)
+        if est is None:
+            unknown += 1
+        else:
+            left += est
+    for name, elapsed in running.items():
+        est = estimate_minutes(name, durations)
+        left += max(est - elapsed, 0.0) if est is not None else 0.0
+        unknown += est is None
+    line = f"[ablate] {n_done}/{n_total} jobs done, {len(running)} running"
+    if pending or running:
+        line += (f"; ~{left / 60:.1f} h of job time left (~{left / 60 / max(parallel, 1):.1f} h wall at {parallel} "
+                 f"in parallel), from the times other training seeds took")
+        if unknown:
+            line += f"; {unknown} job(s) not yet timed for any seed, not counted"
+    return line
+
+
 def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
     """Run pending jobs respecting dependencies, `parallel` at a time; logs in OUT/logs/NAME.log.
 
@@ -333,17 +391,28 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
         if j.name in done:
             print(f"[ablate] {j.name}: done already, skipping")
     running: dict[str, tuple[subprocess.Popen | _Adopted, float]] = {}
+    resumed: set[str] = set()  # jobs that continue earlier work: their time is not the job's duration
     for j in list(pending):
         adopted = _adopt(logs / f"{j.name}.pid")
         if adopted is not None:
             pending.remove(j)
             running[j.name] = (adopted, time.time())
+            resumed.add(j.name)  # its start time is unknown
             print(f"[ablate] {j.name}: still running (pid {adopted.pid}) from an earlier driver; watching it")
     failed: list[str] = []
+
+    def report_progress() -> None:
+        now = time.time()
+        print(progress_line(len(done), len(jobs), [j.name for j in pending],
+                            {n: (now - t0) / 60 for n, (_, t0) in running.items()}, load_durations(logs), parallel),
+              flush=True)
+
+    report_progress()
     # One thread per job, compilation included (inductor would start a compile worker per core).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
            "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     while pending or running:
+        finished = False
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
@@ -351,7 +420,11 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
                 job = next(j for j in jobs if j.name == name)
                 if proc.returncode == 0 and job.is_done():
                     done.add(name)
-                    print(f"[ablate] {name}: finished in {(time.time() - t0) / 60:.1f} min")
+                    minutes = (time.time() - t0) / 60
+                    print(f"[ablate] {name}: finished in {minutes:.1f} min")
+                    if name not in resumed:
+                        record_duration(logs, name, minutes)
+                    finished = True
                 else:
                     failed.append(name)
                     print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
@@ -364,6 +437,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
         while ready and len(running) < parallel:
             job = ready.pop(0)
             pending.remove(job)
+            if job.resumes_from is not None and job.resumes_from.exists():
+                resumed.add(job.name)
             print(f"[ablate] {job.name}: starting")
             log = open(logs / f"{job.name}.log", "a")
             log.write(f"$ {' '.join(job.cmd)}\n")
@@ -371,6 +446,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
             proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             (logs / f"{job.name}.pid").write_text(f"{proc.pid}\n")
             running[job.name] = (proc, time.time())
+        if finished:  # after the next jobs started, so "running" counts them
+            report_progress()
         time.sleep(1.0)
     if failed:
         raise RuntimeError(f"ablation jobs failed: {', '.join(failed)} (logs in {logs}); rerun to retry them")
