@@ -242,6 +242,8 @@ def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
     assert float(joint_effect.split()[0]) == pytest.approx(0, abs=8)  # seed 0 only: joint = fast there
     assert "M/joint 2/3" in report
     assert "**Partial study.**" in report and "M/fast 1/3" in report and "M/idm 1/3" in report
+    assert "along the axes done so far (conditions x training seeds), per model: M/fast 1/3" in report
+
     verdicts = report.split("## Verdicts")[1]
     assert re.search(r"video co-training .*: pays \(provisional: 1 training seed\)\.", verdicts)
     assert "observation delay 4**: observation delay of 4 steps" in report  # the designed perturbation, justified
@@ -254,6 +256,17 @@ def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
     assert estimate(idm_progress) == pytest.approx(30, abs=3) and idm_progress.split("[")[1].startswith("+")
     cotrain = report.split("## Co-training under each evaluation condition")[1]
     assert "| M | observation delay 4 |" in cotrain and "pays (provisional: 1 training seed)" in cotrain
+
+
+def test_a_study_missing_only_later_seeds_axes_is_still_partial(tmp_path):
+    from fastwam.study_report import write_study_report
+
+    runs = _synthetic_study(tmp_path, conds=("base", "replan16"))
+    for seed in (1, 2):  # base complete; the replan16 evaluations of M/idm's seeds 1-2 not yet run
+        (runs[f"M/idm_s{seed}"]["evals"]["replan16"] / "results.json").unlink()
+    report = write_study_report(tmp_path, runs, None, ["base", "replan16"]).read_text()
+    assert "**Partial study.** The base condition has every training seed of every model." in report
+    assert "M/fast 3/3, M/idm 1/3, M/joint 3/3, M/no_cotrain 3/3" in report
 
 
 def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):

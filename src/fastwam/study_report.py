@@ -448,20 +448,36 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
 
 
 def status_section(table: dict, runs: dict) -> list[str]:
-    """How much of the planned study has results: a partial study says so before its first number."""
-    planned: dict[tuple[str, str], set[int]] = {}
+    """How much of the planned study has results: a partial study says so before its first number, for the base
+    condition and for the evaluation axes (a study whose base is complete may still lack later seeds' axes)."""
+    planned: dict[tuple[str, str, str], set[int]] = {}
     for info in runs.values():
         if info.get("seed") is not None:  # baselines are not trained
-            planned.setdefault((info.get("cell") or "", info["variant"]), set()).add(info["seed"])
-    rows, missing = [], 0
-    for (cell, variant), seeds in sorted(planned.items()):
-        done = sorted(table.get((cell, variant, BASE), {}))
-        missing += len(seeds) - len(done)
-        rows.append(f"{cell + '/' if cell else ''}{variant} {len(done)}/{len(seeds)}")
-    if not missing:
+            for cond in info.get("evals", {BASE: None}):
+                planned.setdefault((info.get("cell") or "", info["variant"], cond), set()).add(info["seed"])
+    base_rows, axis_done, axis_planned = [], {}, {}
+    for (cell, variant, cond), seeds in sorted(planned.items()):
+        model = f"{cell + '/' if cell else ''}{variant}"
+        done = len(set(table.get((cell, variant, cond), {})) & seeds)
+        if cond == BASE:
+            base_rows.append((model, done, len(seeds)))
+        else:
+            axis_done[model] = axis_done.get(model, 0) + done
+            axis_planned[model] = axis_planned.get(model, 0) + len(seeds)
+    base_missing = any(done < n for _, done, n in base_rows)
+    axes_missing = any(axis_done[m] < axis_planned[m] for m in axis_planned)
+    if not base_missing and not axes_missing:
         return []
-    return ["**Partial study.** Training seeds evaluated so far (base condition), per model: " + ", ".join(rows)
-            + f". Comparisons with fewer than {MIN_SEEDS} training seeds are marked provisional: their intervals "
+    text = "**Partial study.** "
+    if base_missing:
+        text += ("Training seeds evaluated so far (base condition), per model: "
+                 + ", ".join(f"{m} {d}/{n}" for m, d, n in base_rows) + ". ")
+    else:
+        text += "The base condition has every training seed of every model. "
+    if axes_missing:
+        text += ("Evaluations along the axes done so far (conditions x training seeds), per model: "
+                 + ", ".join(f"{m} {axis_done[m]}/{axis_planned[m]}" for m in sorted(axis_planned)) + ". ")
+    return [text + f"Comparisons with fewer than {MIN_SEEDS} training seeds are marked provisional: their intervals "
             "cannot count the seed-to-seed spread. Re-run the command above to continue.", ""]
 
 
