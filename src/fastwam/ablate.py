@@ -358,16 +358,12 @@ def progress_line(n_done: int, n_total: int, pending: list[str], running: dict[s
     """"[ablate] 150/230 jobs done; ~5.9 h of job time left (~3.0 h wall at 2 in parallel) ...": the estimate
     counts the pending jobs and the running ones' remainders (running maps a name to minutes elapsed)."""
     left, unknown = 0.0, 0
-    for name in pending:
+    for name, elapsed in [*((n, 0.0) for n in pending), *running.items()]:  # a pending job has 0 minutes elapsed
         est = estimate_minutes(name, durations)
         if est is None:
             unknown += 1
         else:
-            left += est
-    for name, elapsed in running.items():
-        est = estimate_minutes(name, durations)
-        left += max(est - elapsed, 0.0) if est is not None else 0.0
-        unknown += est is None
+            left += max(est - elapsed, 0.0)
     line = f"[ablate] {n_done}/{n_total} jobs done, {len(running)} running"
     if pending or running:
         line += (f"; ~{left / 60:.1f} h of job time left (~{left / 60 / max(parallel, 1):.1f} h wall at {parallel} "
