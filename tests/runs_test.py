@@ -126,6 +126,7 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     (root / f"step_0000004.tmp-{dead_pid}").mkdir()
     (root / f"step_0000004.tmp-{dead_pid}" / "model.safetensors").write_bytes(b"partial")
     (root / f"latest.tmp-{dead_pid}").write_text("step_0000004")
+    (root / f".latest.tmp-{dead_pid}").write_text("step_0000004")  # the name fastwam.files gives it
     live = root / f"step_0000008.tmp-{os.getppid()}"  # a writer that is still running
     live.mkdir()
     ckpt_io.save_checkpoint(tmp_path, 12, cfg, model)

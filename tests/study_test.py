@@ -136,7 +136,8 @@ def test_progress_estimates_pending_jobs_from_other_seeds(tmp_path):
                           ("eval_M_idm_s0_replan4", 9.0), ("eval_M_idm_s0", 5.0)]:
         ablate.record_duration(logs, name, minutes)
     durations = ablate.load_durations(logs)
-    assert durations["train_M_idm_s1"] == 70.0 and not (logs / "durations.json.tmp").exists()
+    assert durations["train_M_idm_s1"] == 70.0
+    assert sorted(p.name for p in logs.iterdir()) == ["durations.json"]  # written whole, no temporary left
     assert ablate.estimate_minutes("train_M_idm_s2", durations) == 70.0
     # Same job, not a prefix: the replan4 axis is not the base evaluation, and M is not L.
     assert ablate.estimate_minutes("eval_M_idm_s2", durations) == 5.0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastwam.config import Config
+from fastwam.files import write_text_atomic
 from fastwam.presets import PresetArgs
 
 VARIANT_MODES = {"fast": "fast", "joint": "joint", "idm": "idm", "no_cotrain": "fast"}
@@ -169,7 +170,7 @@ def _check_cells(out: Path, cells: dict[str, dict[str, str]]) -> None:
                              "cell name for a new architecture")
     known.update(cells)
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
 
 
 def cell_config(cfg: Config, overrides: dict[str, str]) -> Config:
@@ -342,9 +343,7 @@ def load_durations(logs: Path) -> dict[str, float]:
 def record_duration(logs: Path, name: str, minutes: float) -> None:
     durations = load_durations(logs)
     durations[name] = round(minutes, 2)
-    tmp = logs / "durations.json.tmp"
-    tmp.write_text(json.dumps(durations, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, logs / "durations.json")  # atomic: a driver killed mid-write leaves the old file
+    write_text_atomic(logs / "durations.json", json.dumps(durations, indent=1, sort_keys=True) + "\n")
 
 
 def estimate_minutes(name: str, durations: dict[str, float]) -> float | None:
@@ -475,10 +474,10 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     cells = parse_cells(args.cells)
     _check_cells(out, cells)
     for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
-        (out / f"config_{cell}.json").write_text(cell_config(args.config, overrides).to_json() + "\n")
+        write_text_atomic(out / f"config_{cell}.json", cell_config(args.config, overrides).to_json() + "\n")
     # The study's command: without --report-only, which only re-renders the report of the same study.
     command = ["fastwam", "ablate", *_study_argv(argv)]
-    (out / "ablation.json").write_text(json.dumps({
+    write_text_atomic(out / "ablation.json", json.dumps({
         "command": shlex.join(command),
         "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
         "config": args.config.to_dict(),

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from fastwam.config import Config
 from fastwam.errors import UserError
+from fastwam.files import write_text_atomic
 
 CONFIG, WEIGHTS, EMA, NORM_STATS, TRAIN_STATE = "config.json", "model.safetensors", "ema.safetensors", \
     "norm_stats.json", "train_state"
@@ -144,9 +145,7 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    latest_tmp = ckpt_root / f"latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "latest")
+    write_text_atomic(ckpt_root / "latest", final.name)
     if keep_last > 0:
         others = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and p != final)
         for old in others[: max(0, len(others) - (keep_last - 1))]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fastwam import checkpoint as ckpt_io
 from fastwam.config import Config
 from fastwam.errors import UserError
+from fastwam.files import write_text_atomic
 from fastwam.model.codecs import LatentCodec, build_codec
 from fastwam.model.fastwam import FastWAM, TrainingNoise
 from fastwam.model.text import build_text_encoder
@@ -218,7 +219,7 @@ def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: 
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_decay > 0 else None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
+        write_text_atomic(run_dir / "config.json", cfg.to_json())
     return _Trainer(cfg, d, device, run_dir, dataset, val_dataset, codec, text_encoder, model, ema, optimizer,
                     wrap_model(model, tc.fsdp, d, device), stats_dict(dataset))
 

@@ -55,6 +55,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from fastwam.files import write_text_atomic
+
 # Official per-suite step budgets (the official script's `_get_max_steps`).
 MAX_STEPS = {"libero_spatial": 400, "libero_object": 400, "libero_goal": 400, "libero_10": 700, "libero_90": 700}
 DEFAULT_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
@@ -320,9 +322,7 @@ def _write(results: dict, out: str) -> None:
         return
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(results, indent=2, default=_jsonable))
 
 
 def _jsonable(x: Any) -> Any:

@@ -37,7 +37,6 @@ names are importable from here too.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +76,7 @@ from fastwam.eval.metaworld_rollout import (
     env_seed_for,
 )
 from fastwam.eval.videos import VIDEO_FPS, VIDEO_MIN_HEIGHT, compose_video, write_video
+from fastwam.files import write_text_atomic
 from fastwam.interrupt import StopRequest
 
 # What this module held before it was split; the helpers' own modules are the place to change them.
@@ -220,8 +220,8 @@ def evaluate(
                                 time.perf_counter() - t_start)
             results["config"].update(shift=shift, obs_delay=obs_delay, compile=compile)
             if out is not None:  # results.json last: its presence means the evaluation ran (ablate's done marker)
-                _write_text(out / "summary.md", summary_markdown(results))
-                _write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+                write_text_atomic(out / "summary.md", summary_markdown(results))
+                write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     finally:
         adapter.close()
         if previous_threads is not None:
@@ -229,12 +229,6 @@ def evaluate(
 
             torch.set_num_threads(previous_threads)
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # never a half-written file, whenever the process stops
 
 
 @dataclass

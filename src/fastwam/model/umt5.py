@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastwam.config import TextConfig
+from fastwam.files import replacing
 from fastwam.model.text import TextEncoder
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
@@ -177,9 +178,8 @@ class UMT5TextEncoder(TextEncoder):
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"embedding": emb.contiguous()}, str(tmp), metadata={"prompt": prompt})
-        os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+        with replacing(path) as tmp:  # concurrent ranks never read a half-written file
+            save_file({"embedding": emb.contiguous()}, str(tmp), metadata={"prompt": prompt})
         self._evict(keep=path)
 
     def _evict(self, keep: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from fastwam import checkpoint as ckpt_io
 from fastwam import interrupt
 from fastwam.config import Config
 from fastwam.errors import UserError
+from fastwam.files import write_text_atomic
 
 Resume = bool | Literal["auto"]
 
@@ -131,9 +131,7 @@ class MetricsLog:
                     continue
                 if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= start_step:
                     keep.append(line + "\n")
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(keep))
 
     def append(self, entry: dict) -> None:
         with self.path.open("a") as f:
