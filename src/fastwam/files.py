@@ -3,7 +3,9 @@
 Evaluation results, run records and the study driver's bookkeeping are read back by the next run (`--resume`, a
 restarted `fastwam ablate`); a truncated JSON file there would turn an interruption into a crash. Every such write goes
 through `replacing`: the bytes go to a hidden temporary file beside the target (same directory, so the same file
-system), which then takes the target's name in one `os.replace`, atomic on POSIX and Windows.
+system), which then takes the target's name in one `os.replace`, atomic on POSIX and Windows. The temporary file is
+fsynced before the rename and the directory after it, so a power cut (not only a killed process) also leaves a whole
+file: without that, some file systems can commit the rename before the data and leave an empty file behind.
 """
 
 from __future__ import annotations
@@ -25,9 +27,25 @@ def replacing(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk; directories cannot be opened on Windows: skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
