@@ -8,9 +8,10 @@ A checkpoint is a directory:
     train_state/         optimizer.safetensors + state.json (step, scheduler, RNG, data position) — for --resume
 A run directory holds `checkpoints/step_XXXXXXX/` and a `latest` file naming the newest complete one.
 
-Atomicity: everything is written into `step_X.tmp-<pid>/` and renamed into place in one `os.rename`, then `latest` is
-replaced with `os.replace`. A process killed at any moment leaves either the old or the new checkpoint complete; the
-`*.tmp-<pid>` it leaves (a full model file each) is removed by the next save, once that pid is no longer running.
+Atomicity: everything is written into `step_X.tmp-<pid>/`, flushed to disk (fsync), and renamed into place in one
+`os.rename`, then `latest` is replaced with `os.replace`. A process killed (or a machine losing power) at any moment
+leaves either the old or the new checkpoint complete; the `*.tmp-<pid>` it leaves (a full model file each) is removed
+by the next save, once that pid is no longer running.
 
 Reproducible files: the same tensors give the same bytes (keys sorted, one fixed metadata entry: safetensors orders a
 metadata map of two or more entries differently from call to call), and every file gets the mode a plain `open()`
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from fastwam.config import Config
 from fastwam.errors import UserError
-from fastwam.files import write_text_atomic
+from fastwam.files import fsync_path, write_text_atomic
 
 CONFIG, WEIGHTS, EMA, NORM_STATS, TRAIN_STATE = "config.json", "model.safetensors", "ema.safetensors", \
     "norm_stats.json", "train_state"
@@ -142,9 +143,15 @@ def save_checkpoint(
             tensors, meta = optimizer_to_tensors(optimizer)
             _save_tensors(tensors, tmp / TRAIN_STATE / "optimizer.safetensors")
         _write_json(tmp / TRAIN_STATE / "state.json", {"step": step, "optimizer": meta, **(train_state or {})})
+    # Data before names: every file and directory entry reaches the disk before the rename publishes the checkpoint,
+    # so a power cut cannot leave a complete-looking step directory holding unwritten weights.
+    for written in sorted(tmp.rglob("*"), reverse=True):
+        fsync_path(written)
+    fsync_path(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
+    fsync_path(ckpt_root)
     write_text_atomic(ckpt_root / "latest", final.name)
     if keep_last > 0:
         others = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and p != final)
