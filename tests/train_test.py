@@ -185,8 +185,9 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = {}
     for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-               str(29500 + n + os.getpid() % 500), str(script), str(tmp_path / f"run{n}")]
+        # --standalone: the launcher picks a free port itself (a fixed or pid-derived one can be taken, and was once).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(script),
+               str(tmp_path / f"run{n}")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES")][0]
