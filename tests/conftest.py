@@ -16,6 +16,27 @@ atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_err
 
 
 @pytest.fixture
+def record_fsyncs(monkeypatch):
+    """`record_fsyncs(probe)` starts recording every `os.fsync` as (the synced path, `probe()` at that moment); it
+    returns the list the calls go into. Linux only (the path is read through /proc/self/fd)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names an fd through /proc (Linux)")
+    real_fsync = os.fsync
+
+    def start(probe):
+        calls = []
+
+        def recording_fsync(fd):
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), probe()))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        return calls
+
+    return start
+
+
+@pytest.fixture
 def tiny_cfg():
     from fastwam.config import get_preset
 

@@ -40,16 +40,8 @@ def test_the_temporary_is_hidden_beside_the_target_and_names_the_writer(tmp_path
     assert (tmp_path / "latest").read_text() == "step_0000010"
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc (Linux)")
-def test_the_data_and_the_rename_are_flushed_to_disk(tmp_path, monkeypatch):
+def test_the_data_and_the_rename_are_flushed_to_disk(tmp_path, record_fsyncs):
     """The new file's bytes are synced before it takes the name, and the directory entry after."""
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "latest").exists()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(probe=(tmp_path / "latest").exists)
     write_text_atomic(tmp_path / "latest", "step_0000010")
     assert synced == [(str(tmp_path / f".latest.tmp-{os.getpid()}"), False), (str(tmp_path), True)]

@@ -134,22 +134,14 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     assert left == ["latest", live.name, "step_0000012"]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc (Linux)")
-def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, record_fsyncs):
     """Every file of the new checkpoint is fsynced while it still has its temporary name (a power cut cannot leave a
     published step directory with unwritten weights); the rename and the `latest` pointer are synced after."""
     cfg = _cfg()
     model = FastWAM(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters())
     final = tmp_path / "checkpoints" / "step_0000003"
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), final.exists()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(probe=final.exists)
     ckpt_io.save_checkpoint(tmp_path, 3, cfg, model, norm_stats={"a": 1}, optimizer=optimizer)
     tmp_name = f"step_0000003.tmp-{os.getpid()}"
     before = {path.replace(tmp_name, final.name) for path, published in synced if not published}

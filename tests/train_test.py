@@ -185,7 +185,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = {}
     for n in (1, 2):
-        # --standalone: the launcher picks a free port itself (a fixed or pid-derived one can be taken, and was once).
+        # --standalone: the launcher picks a free port itself (a fixed or pid-derived one can be taken).
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(script),
                str(tmp_path / f"run{n}")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)

@@ -151,8 +151,7 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    fsync_path(ckpt_root)
-    write_text_atomic(ckpt_root / "latest", final.name)
+    write_text_atomic(ckpt_root / "latest", final.name)  # its fsync of checkpoints/ also persists the rename above
     if keep_last > 0:
         others = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and p != final)
         for old in others[: max(0, len(others) - (keep_last - 1))]:
