@@ -68,3 +68,13 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--report-only"]) == 0
     command = json.loads((out / "ablation.json").read_text())["command"]
     assert "--report-only" not in command and "--config.model.video-ffn-dim 48" in command
+    # Published with its data, the report is recomputed from a copy of the published folder alone.
+    import shutil
+
+    original = (out / "report.md").read_text()
+    assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--report-only", "--publish",
+                                    str(tmp_path / "pub")]) == 0
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "pub", tmp_path / "copy")
+    assert ablate.cli(_argv(tmp_path / "copy") + ["--config.model.video-ffn-dim", "48", "--report-only"]) == 0
+    assert (tmp_path / "copy" / "report.md").read_text() == original

@@ -84,8 +84,26 @@ def test_sweep_runs_end_to_end_resumes_and_keeps_cell_names(tmp_path, capsys):
     # Resume: nothing to do.
     assert ablate.cli(_argv(out)) == 0
     assert "starting" not in capsys.readouterr().out
+    # The published folder carries the data behind every number: with the study itself gone, a copy of it re-renders
+    # the same report, recorded command included.
+    import shutil
+
+    published = tmp_path / "docs" / "study"
+    assert ablate.cli(_argv(out) + ["--report-only", "--publish", str(published)]) == 0
+    text = (published / "report.md").read_text()
+    assert "## The data behind these numbers" in text
+    assert (published / "eval" / "B" / "joint_s0" / "delay1" / "results.json").is_file()
+    assert (published / "runs" / "B" / "joint_s0" / "metrics.jsonl").is_file()
+    assert not (published / "runs" / "B" / "joint_s0" / "checkpoints").exists()  # data, not weights
+    original = (out / "report.md").read_text()
+    shutil.rmtree(out)
+    copy = tmp_path / "copy"
+    shutil.copytree(published, copy)
+    assert ablate.cli(_argv(copy) + ["--report-only"]) == 0
+    assert (copy / "report.md").read_text() == original
+    assert json.loads((copy / "ablation.json").read_text())["command"] == command
     # A cell name stays bound to its architecture.
-    bad = [a.replace("A:video_ffn_dim=32", "A:video_ffn_dim=40") for a in _argv(out)]
+    bad = [a.replace("A:video_ffn_dim=32", "A:video_ffn_dim=40") for a in _argv(copy)]
     with pytest.raises(ValueError, match="cell 'A' was defined"):
         ablate.cli(bad)
 
@@ -149,6 +167,9 @@ def test_progress_estimates_pending_jobs_from_other_seeds(tmp_path):
     assert line.startswith("[ablate] 5/9 jobs done, 1 running")
     assert "~1.8 h of job time left (~0.9 h wall at 2 in parallel)" in line and "1 job(s) not yet timed" in line
     assert "left" not in ablate.progress_line(9, 9, [], {}, durations, parallel=2)
+    # Nothing timed yet (a one-seed study): no estimate rather than a "~0.0 h left" that reads as "almost done".
+    first = ablate.progress_line(0, 2, ["train_L_idm_s0"], {"eval_L_idm_s0": 3.0}, durations, parallel=2)
+    assert "no time estimate yet" in first and "h of job time left" not in first
     (logs / "durations.json").write_text("{not json")  # a damaged file costs the estimate, not the study
     assert ablate.load_durations(logs) == {}
 
@@ -298,3 +319,27 @@ def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):
 def test_recorded_command_leaves_out_report_and_publish_options():
     assert ablate._study_argv(["--out", "o", "--report-only", "--publish", "docs/x", "--publish-videos", "2",
                                "--tasks", "t"]) == ["--out", "o", "--tasks", "t"]
+
+
+def test_published_metrics_keep_the_curve_and_the_final_rows():
+    from fastwam.report import _thin_metrics
+
+    rows = [json.dumps({"step": 10 * i, "action": 1.0 / (i + 1), "video": 0.5}) for i in range(1000)]
+    thinned = _thin_metrics("\n".join(rows) + "\n").splitlines()
+    assert 150 <= len(thinned) <= 220
+    assert thinned[0] == rows[0] and thinned[-20:] == rows[-20:]  # the final losses the reports read, whole
+    steps = [json.loads(r)["step"] for r in thinned]
+    assert steps == sorted(steps)
+    assert _thin_metrics("\n".join(rows[:30])).splitlines() == rows[:30]  # a short log is kept as it is
+
+
+def test_report_only_keeps_the_recorded_command_of_the_same_study_only(tmp_path):
+    """Re-rendering a copy of a published study keeps the study's own command; another study's options replace it."""
+    record = lambda argv: ablate.study_record(parse_with_preset(argv, ablate.AblateArgs, "t"), argv)  # noqa: E731
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps(record(_argv("runs/study"))))
+    assert ablate._same_study(path, record(_argv(tmp_path / "copy") + ["--report-only", "--publish", "docs/x"]))
+    assert not ablate._same_study(path, record(_argv("runs/study") + ["--train-steps", "3"]))
+    assert not ablate._same_study(path, record(_argv("runs/study") + ["--config.train.batch-size", "4"]))
+    path.write_text("{not json")
+    assert not ablate._same_study(path, record(_argv("runs/study")))

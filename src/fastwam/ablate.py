@@ -364,7 +364,12 @@ def progress_line(n_done: int, n_total: int, pending: list[str], running: dict[s
         else:
             left += max(est - elapsed, 0.0)
     line = f"[ablate] {n_done}/{n_total} jobs done, {len(running)} running"
-    if pending or running:
+    n_left = len(pending) + len(running)
+    if n_left and unknown == n_left:
+        # Nothing to estimate from (the first training seed, or a one-seed study such as the demo): "~0.0 h left"
+        # would read as "almost done".
+        line += "; no time estimate yet (no remaining job has been timed for another training seed)"
+    elif n_left:
         line += (f"; ~{left / 60:.1f} h of job time left (~{left / 60 / max(parallel, 1):.1f} h wall at {parallel} "
                  f"in parallel), from the times other training seeds took")
         if unknown:
@@ -464,6 +469,29 @@ def _study_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def study_record(args: AblateArgs, argv: list[str]) -> dict:
+    """OUT/ablation.json: the study's command (without --report-only and --publish, which only re-render or copy the
+    report of the same study), its options and its config."""
+    return {"command": shlex.join(["fastwam", "ablate", *_study_argv(argv)]),
+            "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
+            "config": args.config.to_dict()}
+
+
+def _same_study(path: Path, record: dict) -> bool:
+    """Whether the study recorded at `path` is the one `record` describes, up to where it is kept (--out) and the
+    report-only options. A report re-rendered from a copy of a published study then keeps the study's own command."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
+        return False
+    record = json.loads(json.dumps(record))  # tuples as the file has them: lists
+    where = ("out", "report_only", "publish", "publish_videos")
+    strip = lambda a: {k: v for k, v in a.items() if k not in where}  # noqa: E731
+    return strip(recorded["args"]) == strip(record["args"]) and recorded.get("config") == record["config"]
+
+
 def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     from fastwam.train import parse_with_preset
 
@@ -475,13 +503,9 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     _check_cells(out, cells)
     for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
         write_text_atomic(out / f"config_{cell}.json", cell_config(args.config, overrides).to_json() + "\n")
-    # The study's command: without --report-only, which only re-renders the report of the same study.
-    command = ["fastwam", "ablate", *_study_argv(argv)]
-    write_text_atomic(out / "ablation.json", json.dumps({
-        "command": shlex.join(command),
-        "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
-        "config": args.config.to_dict(),
-    }, indent=2))
+    record = study_record(args, argv)
+    if not (args.report_only and _same_study(out / "ablation.json", record)):
+        write_text_atomic(out / "ablation.json", json.dumps(record, indent=2))
     t0 = time.time()
     if not args.report_only:
         run_jobs(jobs, out, args.parallel)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastwam.eval.stats import fmt_rate, hierarchical_bootstrap, markdown_table, wilson_interval
+from fastwam.files import write_text_atomic
 
 PAPER = {  # docs/reference.md, "Reported results": LIBERO average / RoboTwin average
     "fast": (97.6, 91.8), "joint": (98.5, 90.6), "idm": (98.0, 91.3), "no_cotrain": (93.5, 83.8),
@@ -267,6 +268,34 @@ def _training_curves(out: Path, runs: dict) -> Path | None:
     return save_figure(fig, out / "training_curves.png")
 
 
+def _thin_metrics(text: str, keep: int = 200, tail: int = 20) -> str:
+    """A training's metrics.jsonl cut to about `keep` evenly spaced rows plus its last `tail` rows whole: the curves
+    and the final losses the reports read, without the whole log of a long training."""
+    rows = [x for x in text.splitlines() if x.strip()]
+    head, last = rows[:-tail] if len(rows) > tail else [], rows[-tail:]
+    return "\n".join(head[::max(1, -(-len(head) // keep))] + last) + "\n"
+
+
+def publish_data(out: Path, dest: Path) -> list[Path]:
+    """Copy what the report's numbers are computed from into `dest`, in the study's own layout: every evaluation's
+    results.json (compact JSON, same content) and every training's metrics.jsonl (thinned by `_thin_metrics`). The
+    study's runs can then be lost (they live on the machine that trained them) and the report still be recomputed:
+    `fastwam ablate <the study's command> --out COPY --report-only` on a copy of the published folder. Returns the
+    files written."""
+    written = []
+    for src in sorted(out.glob("eval/**/results.json")):
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, json.dumps(json.loads(src.read_text()), separators=(",", ":")) + "\n")
+        written.append(target)
+    for src in sorted(out.glob("runs/**/metrics.jsonl")):
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, _thin_metrics(src.read_text()))
+        written.append(target)
+    return written
+
+
 def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     """Copy a study's report into the repository's docs: report.md, its pictures, the study's own JSON (command,
     cells, latencies) and `videos` rollout videos (imagination variants first, one per variant before a second),
@@ -298,11 +327,19 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
         if any(not link.startswith(("http", "#")) and not (dest / link).exists() for link in links):
             continue
         lines.append(line)
+    data = publish_data(out, dest)
+    if data:
+        lines += ["", "## The data behind these numbers", "",
+                  f"Every evaluation's `results.json` (per episode: success, length, highest shaped reward) and every "
+                  f"training's `metrics.jsonl` (thinned to about 200 rows, the last 20 whole) are published beside "
+                  f"this report, in the study's layout (`eval/`, `runs/`; {len(data)} files). The runs themselves stay "
+                  "on the machine that trained them; to recompute every table and interval here without them, run "
+                  "the command above with `--out` set to a copy of this folder and `--report-only`."]
     published = [f"- `{p.relative_to(out)}`" for p in chosen[:videos]]
     if published:
         lines += ["", "## Sample rollout videos", "",
                   "Joint / IDM videos show the live frame, then for the latest plan the real future (top) and the "
                   "imagined one (bottom).", "", *published]
     report = dest / "report.md"
-    report.write_text("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(report, "\n".join(lines).rstrip() + "\n")
     return report
