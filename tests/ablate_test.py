@@ -12,7 +12,7 @@ def _argv(out) -> list[str]:
     return ["--preset", "tiny", "--out", str(out), "--tasks", TASK, "--episodes-per-task", "2",
             "--train-steps", "2", "--variants", "fast,no_cotrain", "--eval-episodes", "1", "--eval-seeds", "0",
             "--max-steps", "8", "--replan", "2",
-            "--baseline-episodes", "1", "--videos", "0", "--config.train.batch-size", "2",
+            "--baseline-episodes", "1", "--videos", "1", "--config.train.batch-size", "2",
             "--config.train.save-every", "2"]
 
 
@@ -49,6 +49,7 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert results["cells"][0]["task"] == TASK and results["cells"][0]["episodes"] == 1
     report = (out / "report.md").read_text()
     assert "| fast | fast |" in report and "| no_cotrain | fast |" in report and "video co-training" in report
+    assert "- `eval/fast_s0/videos/fast_reach-v3_seed0_ep00_" in report  # linked from the study's folder
     assert json.loads((out / "ablation.json").read_text())["args"]["train_steps"] == 2
     # Latency is timed for the study's model, overrides included, not for the preset's.
     from fastwam.config import get_preset

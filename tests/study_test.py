@@ -300,15 +300,26 @@ def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):
     for name in ("joint_reach-v3_seed0_ep00_success.mp4", "joint_push-v3_seed0_ep00_fail.mp4"):
         (out / "eval" / "M" / "joint_s0" / "videos" / name).write_bytes(b"x")
     (out / "eval" / "M" / "fast_s0" / "videos" / "fast_reach-v3_seed0_ep00_success.mp4").write_bytes(b"x")
+    # no_cotrain is evaluated in the fast mode: its videos are named "fast_..." but it is a variant of its own
+    (out / "eval" / "M" / "no_cotrain_s0" / "replan2" / "videos").mkdir(parents=True)
+    (out / "eval" / "M" / "no_cotrain_s0" / "replan2" / "videos" / "fast_reach-v3_seed0_ep00_fail.mp4").write_bytes(
+        b"x")
     (out / "capacity.png").write_bytes(b"png")
     (out / "ablation.json").write_text("{}")
     (out / "report.md").write_text("# R\n\n![cap](capacity.png)\n\n![gone](runs/x/samples/a.png)\n\n"
-                                   "- `eval/M/fast_s0/videos/other.mp4`\n")
+                                   "## Rollout videos\n\nWhat they show.\n\n- `eval/M/fast_s0/videos/other.mp4`\n\n"
+                                   "## Latency\n\nno links here\n")
     dest = tmp_path / "docs" / "study"
-    text = publish_report(out, dest, videos=2).read_text()
+    text = publish_report(out, dest, videos=3).read_text()
     assert "capacity.png" in text and "gone" not in text and "other.mp4" not in text
+    # a section left without any of its links goes whole; one without links stays
+    assert "## Rollout videos" not in text and "What they show" not in text and "no links here" in text
+    # A report that lists the copied videos itself (here: the published one) gets no second list of them.
+    (out / "report.md").write_text(text)
+    assert publish_report(out, tmp_path / "again", videos=3).read_text().count("joint_push-v3") == 1
     # One video per variant first (imagination first), and every link of the published report exists.
-    assert "joint_push-v3" in text and "fast_reach-v3" in text and "joint_reach-v3" not in text
+    assert "joint_push-v3" in text and "fast_s0/videos/fast_reach-v3" in text and "joint_reach-v3" not in text
+    assert "no_cotrain_s0/replan2/videos/fast_reach-v3" in text
     import re
 
     for link in re.findall(r"\]\(([^)]+)\)", text) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", text):

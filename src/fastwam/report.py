@@ -161,7 +161,10 @@ def write_report(out: Path, runs: dict, args: Any) -> Path:
         lines += [f"![success per variant]({chart.name})", ""]
     if curves:
         lines += [f"![training curves]({curves.name})", ""]
-    videos = [Path(p) for r in results.values() for p in r.get("videos", [])]
+    # Where each evaluation's videos are now (its folder's videos/), not the path it recorded, which names wherever
+    # the study was run from: a study moved, or re-rendered from a published copy, links the same files.
+    videos = [Path(runs[name]["eval_dir"]) / "videos" / Path(p).name for name, r in results.items()
+              for p in r.get("videos", [])]
     if videos:
         lines += ["## Rollout videos", "", "Joint / IDM videos show the policy's imagined future beside the real "
                   "rollout.", ""]
@@ -296,6 +299,18 @@ def publish_data(out: Path, dest: Path) -> list[Path]:
     return written
 
 
+def _video_variant(out: Path, video: Path) -> str:
+    """The variant whose evaluation made a rollout video: from its evaluation folder (eval/[CELL/]VARIANT_sSEED/...),
+    not the file name, which names the inference mode (no_cotrain's videos are "fast_...")."""
+    import re
+
+    for part in video.relative_to(out).parts:
+        m = re.fullmatch(r"(\w+?)_s\d+", part)
+        if m:
+            return m.group(1)
+    return video.parent.parent.name  # baselines: eval/baseline_zero/videos/
+
+
 def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     """Copy a study's report into the repository's docs: report.md, its pictures, the study's own JSON (command,
     cells, latencies) and `videos` rollout videos (imagination variants first, one per variant before a second),
@@ -308,25 +323,33 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     keep = [p for pattern in ("*.png", "ablation.json", "cells.json", "latency*.json", "config_*.json")
             for p in sorted(out.glob(pattern))]
-    found = sorted(out.glob("eval/**/videos/*.mp4"), key=lambda p: (not any(v in p.name for v in ("joint", "idm")),
-                                                                    p.name.split("_")[0], str(p)))
+    found = sorted(out.glob("eval/**/videos/*.mp4"), key=lambda p: (_video_variant(out, p) not in ("joint", "idm"),
+                                                                    _video_variant(out, p), str(p)))
     chosen, seen = [], set()
     for p in found:  # one per variant first, then more
-        if p.name.split("_")[0] not in seen:
+        if _video_variant(out, p) not in seen:
             chosen.append(p)
-            seen.add(p.name.split("_")[0])
+            seen.add(_video_variant(out, p))
     chosen += [p for p in found if p not in chosen]
     for src in keep + chosen[:videos]:
         target = dest / src.relative_to(out)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
-    text = (out / "report.md").read_text()
+    def links(line: str) -> list[str]:
+        return [link for link in re.findall(r"\]\(([^)]+)\)", line) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", line)
+                if not link.startswith(("http", "#"))]
+
+    sections: list[list[str]] = [[]]
+    for line in (out / "report.md").read_text().splitlines():
+        if line.startswith("## "):
+            sections.append([])
+        sections[-1].append(line)
     lines = []
-    for line in text.splitlines():
-        links = re.findall(r"\]\(([^)]+)\)", line) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", line)
-        if any(not link.startswith(("http", "#")) and not (dest / link).exists() for link in links):
-            continue
-        lines.append(line)
+    for section in sections:
+        kept = [line for line in section if all((dest / link).exists() for link in links(line))]
+        if section[:1] and section[0].startswith("## ") and len(kept) < len(section) and not any(map(links, kept)):
+            continue  # a section of links none of which was copied: its heading and text would stand alone
+        lines += kept
     data = publish_data(out, dest)
     if data:
         lines += ["", "## The data behind these numbers", "",
@@ -336,6 +359,7 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
                   "on the machine that trained them; to recompute every table and interval here without them, run "
                   "the command above with `--out` set to a copy of this folder and `--report-only`."]
     published = [f"- `{p.relative_to(out)}`" for p in chosen[:videos]]
+    published = [line for line in published if line not in lines]  # not listed twice when the report lists them
     if published:
         lines += ["", "## Sample rollout videos", "",
                   "Joint / IDM videos show the live frame, then for the latest plan the real future (top) and the "
