@@ -313,9 +313,10 @@ def _video_variant(out: Path, video: Path) -> str:
 
 def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     """Copy a study's report into the repository's docs: report.md, its pictures, the study's own JSON (command,
-    cells, latencies) and `videos` rollout videos (imagination variants first, one per variant before a second),
-    then drop every link of the report whose target was not copied, so a committed report never points at a file
-    that is not in the repository. Returns the published report."""
+    cells, latencies), the data behind its numbers (`publish_data`) and `videos` rollout videos (imagination variants
+    first, one per variant before a second), then drop every link of the report whose target was not copied (and a
+    section left without any of its links), so a committed report never points at a file that is not in the
+    repository. Returns the published report."""
     import re
     import shutil
 
@@ -335,6 +336,7 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
         target = dest / src.relative_to(out)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
+
     def links(line: str) -> list[str]:
         return [link for link in re.findall(r"\]\(([^)]+)\)", line) + re.findall(r"`([^`\s]+\.(?:mp4|png))`", line)
                 if not link.startswith(("http", "#"))]
@@ -353,8 +355,8 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     data = publish_data(out, dest)
     if data:
         lines += ["", "## The data behind these numbers", "",
-                  f"Every evaluation's `results.json` (per episode: success, length, highest shaped reward) and every "
-                  f"training's `metrics.jsonl` (thinned to about 200 rows, the last 20 whole) are published beside "
+                  "Every evaluation's `results.json` (per episode: success, length, highest shaped reward) and every "
+                  "training's `metrics.jsonl` (thinned to about 200 rows, the last 20 whole) are published beside "
                   f"this report, in the study's layout (`eval/`, `runs/`; {len(data)} files). The runs themselves stay "
                   "on the machine that trained them; to recompute every table and interval here without them, run "
                   "the command above with `--out` set to a copy of this folder and `--report-only`."]
