@@ -65,6 +65,17 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48"]) == 0
     second = capsys.readouterr().out
     assert "starting" not in second and second.count("done already, skipping") == 8
+    # Other evaluation settings than the finished evaluations had: refused, nothing touched (a job is done when its
+    # results.json exists, so they would be skipped and reported as answering the new command). The baselines keep
+    # their own --baseline-episodes: one more evaluation differs, no_cotrain's.
+    import pytest
+
+    before = {p: p.read_bytes() for p in [*out.glob("eval/*/results.json"), out / "ablation.json"]}
+    with pytest.raises(ValueError, match=r"eval_fast_s0: .* episodes_per_seed 1 \(this command: 2\) \(1 more"):
+        ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--eval-episodes", "2"])
+    with pytest.raises(ValueError, match=r"max_steps 8 \(this command: 9\)"):
+        ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--max-steps", "9", "--report-only"])
+    assert {p: p.read_bytes() for p in before} == before
     # --report-only re-renders the report; the recorded command stays the study's own.
     assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--report-only"]) == 0
     command = json.loads((out / "ablation.json").read_text())["command"]

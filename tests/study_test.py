@@ -55,6 +55,10 @@ def test_sweep_plan_layout():
     by2 = {j.name: j for j in ablate.plan(two)[0]}
     assert by2["eval_B_joint_s1_replan1"].priority == 2 and by2["eval_B_joint_s1"].priority == 0
     assert "--compile" in by2["eval_B_joint_s1"].cmd and "--compile" not in by["eval_B_joint_s0"].cmd
+    # What an evaluation asks for, as results.json records it; a condition's later --replan wins.
+    assert ablate.eval_settings(by["eval_B_joint_s0_replan1"].cmd) == {
+        "tasks": [TASK], "seeds": [0], "episodes_per_seed": 1, "replan": 1, "max_steps": 6, "modes": ["joint"]}
+    assert ablate.eval_settings(by["eval_B_fast_s0_shift_colour"].cmd)["shift"] == "colour"
     with pytest.raises(ValueError, match="ModelConfig field"):
         ablate.parse_cells("A:not_a_field=1")
     with pytest.raises(ValueError, match="axis"):

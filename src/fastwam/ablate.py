@@ -93,6 +93,60 @@ class Job:
             return False
 
 
+def _int_list(spec: str) -> list[int]:
+    return [int(x) for x in spec.split(",") if x.strip()]
+
+
+def _tasks(spec: str) -> list[str]:
+    from fastwam.envs.metaworld import parse_tasks
+
+    return parse_tasks(spec)
+
+
+# `fastwam eval metaworld` options that an evaluation's results.json records (under config), by the name it records
+# them under: what a finished evaluation must match to count as this study's.
+EVAL_SETTINGS = {"--tasks": ("tasks", _tasks), "--seeds": ("seeds", _int_list),
+                 "--episodes": ("episodes_per_seed", int), "--replan": ("replan", int),
+                 "--max-steps": ("max_steps", int), "--shift": ("shift", str), "--obs-delay": ("obs_delay", int),
+                 "--mode": ("modes", lambda v: v.split(","))}
+
+
+def eval_settings(cmd: list[str]) -> dict:
+    """What an evaluation job's command asks for, keyed as results.json's config records it (a later option wins, as
+    on the command line: a condition's --replan after the base one)."""
+    settings = {}
+    for option, value in zip(cmd, cmd[1:]):
+        if option in EVAL_SETTINGS:
+            key, parse = EVAL_SETTINGS[option]
+            settings[key] = parse(value)
+    return settings
+
+
+def check_evaluations(jobs: list[Job], out: Path) -> None:
+    """Refuse a study whose finished evaluations were made with other settings than its command asks for (another
+    --eval-episodes, --eval-seeds, --tasks, --replan, --max-steps): a job counts as done when its results.json exists,
+    so they would be skipped and reported as if they answered this command. Nothing is deleted or redone."""
+    stale = []
+    for job in jobs:
+        if job.done.name != "results.json" or not job.is_done():
+            continue
+        try:
+            recorded = json.loads(job.done.read_text()).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: is_done() said it is whole; the report will say if it cannot use it
+        wanted = eval_settings(job.cmd)
+        diff = {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and recorded[k] != v}
+        if diff:
+            stale.append((job, diff))
+    if stale:
+        job, diff = stale[0]
+        what = "; ".join(f"{k} {was!r} (this command: {now!r})" for k, (was, now) in diff.items())
+        more = f" ({len(stale) - 1} more evaluations differ likewise)" if len(stale) > 1 else ""
+        raise ValueError(f"{job.name}: {job.done} was evaluated with {what}{more}. A finished evaluation is not "
+                         f"redone: run the study's own command (in {out / 'ablation.json'}), or move those "
+                         "evaluations' folders away to evaluate them again")
+
+
 def _py() -> list[str]:
     return [sys.executable, "-m", "fastwam"]
 
@@ -503,6 +557,7 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
     _check_cells(out, cells)
     for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
         write_text_atomic(out / f"config_{cell}.json", cell_config(args.config, overrides).to_json() + "\n")
+    check_evaluations(jobs, out)  # before ablation.json records this command as the study's
     record = study_record(args, argv)
     if not (args.report_only and _same_study(out / "ablation.json", record)):
         write_text_atomic(out / "ablation.json", json.dumps(record, indent=2))
