@@ -80,8 +80,8 @@ class Job:
     # then covers only the remainder and is not recorded as the job's duration.
     resumes_from: Path | None = None
     # A timing job: it starts only on an otherwise idle machine and nothing starts beside it, so the times it
-    # measures are not another job's contention (the demo's latency, timed beside data generation, read 81 ms p50
-    # against 38.5 ms idle).
+    # measures are not another job's contention (the demo's latency, timed beside data generation, read 81 ms p50;
+    # timed alone, 33 ms).
     alone: bool = False
 
     def is_done(self) -> bool:
