@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import shutil
+
+import pytest
 
 from fastwam import ablate
 
@@ -68,8 +71,6 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     # Other evaluation settings than the finished evaluations had: refused, nothing touched (a job is done when its
     # results.json exists, so they would be skipped and reported as answering the new command). The baselines keep
     # their own --baseline-episodes: one more evaluation differs, no_cotrain's.
-    import pytest
-
     before = {p: p.read_bytes() for p in [*out.glob("eval/*/results.json"), out / "ablation.json"]}
     with pytest.raises(ValueError, match=r"eval_fast_s0: .* episodes_per_seed 1 \(this command: 2\) \(1 more"):
         ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--eval-episodes", "2"])
@@ -81,8 +82,6 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     command = json.loads((out / "ablation.json").read_text())["command"]
     assert "--report-only" not in command and "--config.model.video-ffn-dim 48" in command
     # Published with its data, the report is recomputed from a copy of the published folder alone.
-    import shutil
-
     original = (out / "report.md").read_text()
     assert ablate.cli(_argv(out) + ["--config.model.video-ffn-dim", "48", "--report-only", "--publish",
                                     str(tmp_path / "pub")]) == 0

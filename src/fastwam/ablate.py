@@ -264,7 +264,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     if axis_cells - set(cells):
         raise ValueError(f"--axis-cells names unknown cells: {sorted(axis_cells - set(cells))}")
     conds = conditions(args)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = _int_list(args.seeds)
     # Longest trainings first within a seed (IDM runs two video copies; no_cotrain none), seeds in order: an
     # interrupted sweep has whole seeds done rather than every cell half done.
     cost = {"idm": 0, "joint": 1, "fast": 2, "no_cotrain": 3}

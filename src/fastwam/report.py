@@ -285,17 +285,14 @@ def publish_data(out: Path, dest: Path) -> list[Path]:
     study's runs can then be lost (they live on the machine that trained them) and the report still be recomputed:
     `fastwam ablate <the study's command> --out COPY --report-only` on a copy of the published folder. Returns the
     files written."""
+    compact = lambda text: json.dumps(json.loads(text), separators=(",", ":")) + "\n"  # noqa: E731
     written = []
-    for src in sorted(out.glob("eval/**/results.json")):
-        target = dest / src.relative_to(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, json.dumps(json.loads(src.read_text()), separators=(",", ":")) + "\n")
-        written.append(target)
-    for src in sorted(out.glob("runs/**/metrics.jsonl")):
-        target = dest / src.relative_to(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, _thin_metrics(src.read_text()))
-        written.append(target)
+    for pattern, transform in (("eval/**/results.json", compact), ("runs/**/metrics.jsonl", _thin_metrics)):
+        for src in sorted(out.glob(pattern)):
+            target = dest / src.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, transform(src.read_text()))
+            written.append(target)
     return written
 
 
@@ -324,13 +321,13 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     keep = [p for pattern in ("*.png", "ablation.json", "cells.json", "latency*.json", "config_*.json")
             for p in sorted(out.glob(pattern))]
-    found = sorted(out.glob("eval/**/videos/*.mp4"), key=lambda p: (_video_variant(out, p) not in ("joint", "idm"),
-                                                                    _video_variant(out, p), str(p)))
+    variant = {p: _video_variant(out, p) for p in out.glob("eval/**/videos/*.mp4")}
+    found = sorted(variant, key=lambda p: (variant[p] not in ("joint", "idm"), variant[p], str(p)))
     chosen, seen = [], set()
     for p in found:  # one per variant first, then more
-        if _video_variant(out, p) not in seen:
+        if variant[p] not in seen:
             chosen.append(p)
-            seen.add(_video_variant(out, p))
+            seen.add(variant[p])
     chosen += [p for p in found if p not in chosen]
     for src in keep + chosen[:videos]:
         target = dest / src.relative_to(out)
