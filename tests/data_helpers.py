@@ -25,21 +25,24 @@ fixture = _load_fixture_module()
 
 
 def write_synthetic(root: Path, lengths=(12, 9, 7), cameras: dict[str, tuple[int, int]] | None = None,
-                    tasks=("push the puck to the goal", "open the drawer"), fps: int = 10) -> Path:
-    """A dataset with our writer, same content rules as the LeRobot fixture (episode e uses tasks[e % len])."""
+                    tasks=("push the puck to the goal", "open the drawer"), fps: int = 10, actions: bool = True) -> Path:
+    """A dataset with our writer, same content rules as the LeRobot fixture (episode e uses tasks[e % len]).
+    actions=False: an action-free dataset (no action, no observation.state)."""
     from fastwam.data.lerobot_writer import LeRobotWriter
 
     cameras = cameras or fixture.CAMERAS
     feats = {k: {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"]}
              for k, (h, w) in cameras.items()}
-    feats["observation.state"] = {"dtype": "float32", "shape": [4], "names": ["x", "y", "z", "gripper"]}
-    feats["action"] = {"dtype": "float32", "shape": [4], "names": ["dx", "dy", "dz", "grip"]}
+    if actions:
+        feats["observation.state"] = {"dtype": "float32", "shape": [4], "names": ["x", "y", "z", "gripper"]}
+        feats["action"] = {"dtype": "float32", "shape": [4], "names": ["dx", "dy", "dz", "grip"]}
     with LeRobotWriter(root, fps, feats, robot_type="synthetic") as w:
         for ep, n in enumerate(lengths):
             data = {k: np.stack([fixture.frame_pattern(ep, t, h, wd, c) for t in range(n)])
                     for c, (k, (h, wd)) in enumerate(cameras.items())}
-            data["observation.state"] = np.stack([fixture.state_value(ep, t) for t in range(n)])
-            data["action"] = np.stack([fixture.action_value(ep, t) for t in range(n)])
+            if actions:
+                data["observation.state"] = np.stack([fixture.state_value(ep, t) for t in range(n)])
+                data["action"] = np.stack([fixture.action_value(ep, t) for t in range(n)])
             w.add_episode(tasks[ep % len(tasks)], data)
     return root
 

@@ -55,6 +55,12 @@ class AblateArgs(PresetArgs):
     # Sweeps: named model cells, "S:video_hidden_dim=0,video_ffn_dim=512;M:video_hidden_dim=256,..." (ModelConfig
     # fields on top of the config). Every variant x seed is trained in every cell (runs/CELL/VARIANT_sSEED/). Empty:
     # one cell, the config itself (runs/VARIANT_sSEED/). A cell's name is bound to its overrides in OUT/cells.json.
+    #
+    # A cell may also name how its models start and what they learn from (the video-prior study):
+    #   init=prior|scratch (prior: `fastwam train --init-from` the training seed's video prior, pretrained once per
+    #   seed on --pretrain-dataset), init_action=interpolate|random, demos=N (N action-labelled demonstrations per task,
+    #   a dataset of its own, OUT/data_demosN: the first N of the same generator, so a subset of the full data), and
+    #   video_ratio=R (co-train with --video-dataset's action-free clips, R of every batch).
     cells: str = ""
     cell_variants: str = ""  # per-cell variant lists replacing --variants there: "M:fast,joint,idm,no_cotrain;L:fast"
     # Evaluation axes (evaluation only: the trained models are reused): "replan=2,4,16;shift=camera,lighting;delay=8".
@@ -62,6 +68,9 @@ class AblateArgs(PresetArgs):
     axes: str = ""
     axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
     eval_compile: bool = False  # evaluate checkpoints with compiled inference (eval metaworld --compile)
+    pretrain_dataset: str = ""  # the video a prior is pretrained on (cells with init=prior); any LeRobot dataset
+    pretrain_steps: int = 0  # steps of each training seed's video prior (0: --train-steps)
+    video_dataset: str = ""  # action-free clips for cells with video_ratio=R
     report_only: bool = False
     publish: str = ""  # also copy the report, its pictures and --publish-videos videos here (e.g. docs/results/X)
     publish_videos: int = 3
@@ -164,11 +173,37 @@ AXES = {
 BASE = "base"  # the condition every run is evaluated in
 
 
+# Cell keys that are not ModelConfig fields: how a cell's models start and what data they learn from (see AblateArgs).
+STUDY_KEYS = {"init": ("scratch", "prior"), "init_action": ("interpolate", "random"), "demos": int, "video_ratio": float}
+
+
+def model_overrides(overrides: dict[str, str]) -> dict[str, str]:
+    """A cell's ModelConfig overrides (without its study keys)."""
+    return {k: v for k, v in overrides.items() if k not in STUDY_KEYS}
+
+
+def _check_study_key(cell: str, key: str, value: str) -> None:
+    kind = STUDY_KEYS[key]
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ValueError(f"cell {cell!r}: {key} must be one of {', '.join(kind)}, got {value!r}")
+        return
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"cell {cell!r}: {key} must be a {kind.__name__}, got {value!r}") from None
+    if key == "demos" and number < 1:
+        raise ValueError(f"cell {cell!r}: demos must be >= 1, got {number}")
+    if key == "video_ratio" and not 0 < number < 1:
+        raise ValueError(f"cell {cell!r}: video_ratio must be in (0, 1), got {number}")
+
+
 def parse_cells(spec: str) -> dict[str, dict[str, str]]:
-    """"S:a=1,b=2;M:a=3" -> {"S": {"a": "1", "b": "2"}, "M": {"a": "3"}} (ModelConfig field names, '-' or '_')."""
+    """"S:a=1,b=2;M:a=3" -> {"S": {"a": "1", "b": "2"}, "M": {"a": "3"}} (ModelConfig field names, '-' or '_', and
+    the study keys init, init_action, demos, video_ratio)."""
     from fastwam.config import ModelConfig
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} | set(STUDY_KEYS)
     cells: dict[str, dict[str, str]] = {}
     for part in (p.strip() for p in spec.split(";") if p.strip()):
         name, sep, body = part.partition(":")
@@ -182,7 +217,10 @@ def parse_cells(spec: str) -> dict[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if not eq or key not in fields:
-                raise ValueError(f"cell {name!r}: {item!r} is not field=value with a ModelConfig field")
+                raise ValueError(f"cell {name!r}: {item!r} is not field=value with a ModelConfig field (or one of "
+                                 f"{', '.join(STUDY_KEYS)})")
+            if key in STUDY_KEYS:
+                _check_study_key(name, key, value.strip())
             overrides[key] = value.strip()
         cells[name] = overrides
     return cells
@@ -234,7 +272,7 @@ def _check_cells(out: Path, cells: dict[str, dict[str, str]]) -> None:
 def cell_config(cfg: Config, overrides: dict[str, str]) -> Config:
     """`cfg` with a cell's ModelConfig overrides applied (values converted to the fields' types)."""
     typed = {}
-    for key, value in overrides.items():
+    for key, value in model_overrides(overrides).items():
         current = getattr(cfg.model, key)
         if isinstance(current, bool):
             typed[key] = value.lower() in ("1", "true", "yes")
@@ -256,6 +294,23 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                                          str(args.episodes_per_task), "--out", str(data_dir), "--image-size",
                                          str(size)], data_dir / "meta" / "info.json"))
     cells = parse_cells(args.cells) or {"": {}}
+    demos = sorted({int(o["demos"]) for o in cells.values() if "demos" in o} - {args.episodes_per_task})
+    data_for = {n: out / f"data_demos{n}" for n in demos}
+    for n, path in data_for.items():  # the first n demonstrations per task of the same generator: a subset
+        jobs.append(Job(f"data_demos{n}", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes", str(n),
+                                                  "--out", str(path), "--image-size", str(size)],
+                        path / "meta" / "info.json"))
+    prior_cells = [c for c, o in cells.items() if o.get("init") == "prior"]
+    if prior_cells and not args.pretrain_dataset:
+        raise ValueError(f"cells {prior_cells} start from a video prior (init=prior): give --pretrain-dataset DIR")
+    for c in prior_cells:
+        video_keys = sorted(k for k in model_overrides(cells[c]) if k not in ("action_hidden_dim", "action_ffn_dim"))
+        if video_keys:
+            raise ValueError(f"cell {c!r} starts from the study's video prior, which has the config's video expert: "
+                             f"it cannot override {video_keys}")
+    mixed = [c for c, o in cells.items() if "video_ratio" in o]
+    if mixed and not args.video_dataset:
+        raise ValueError(f"cells {mixed} co-train with action-free video (video_ratio): give --video-dataset DIR")
     per_cell = {k: _variants(v) for k, _, v in (p.partition(":") for p in args.cell_variants.split(";") if p.strip())}
     unknown = set(per_cell) - set(cells)
     if unknown:
@@ -276,23 +331,46 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 str(args.replan), "--max-steps", str(args.max_steps), "--workers", "1", "--videos", str(args.videos),
                 "--threads", "1", "--no-progress"]
 
+    pretrain_steps = args.pretrain_steps or args.train_steps
     for seed in seeds:
+        prior_dir = out / "runs" / f"prior_s{seed}"
+        if prior_cells:
+            # One video prior per training seed, shared by every cell that starts from it.
+            train_jobs.append(Job(
+                f"pretrain_s{seed}", _py() + ["pretrain"] + _config_overrides(cfg) + [
+                    "--dataset", args.pretrain_dataset, "--out", str(prior_dir), "--steps", str(pretrain_steps),
+                    "--config.train.seed", str(seed), "--config.train.threads", "1", "--auto-resume",
+                    "--no-progress"],
+                prior_dir / "checkpoints" / f"step_{pretrain_steps:07d}" / "model.safetensors", priority=1,
+                resumes_from=prior_dir / "checkpoints"))
         order = sorted(((c, v) for c in cells for v in per_cell.get(c, _variants(args.variants))),
                        key=lambda cv: (cost.get(cv[1], 9), list(cells).index(cv[0])))
         for cell, variant in order:
             name = f"{cell}/{variant}_s{seed}" if cell else f"{variant}_s{seed}"
             tag = name.replace("/", "_")
             run_dir = out / "runs" / name
-            model_flags = [a for k, v in cells[cell].items() for a in (f"--config.model.{k.replace('_', '-')}", v)]
-            overrides = _config_overrides(cfg) + model_flags + [
-                "--dataset", str(data_dir), "--out", str(run_dir), "--variant", variant, "--steps",
+            spec = cells[cell]
+            model_flags = [a for k, v in model_overrides(spec).items()
+                           for a in (f"--config.model.{k.replace('_', '-')}", v)]
+            n_demos = int(spec.get("demos", args.episodes_per_task))
+            cell_data = data_for.get(n_demos, data_dir)
+            after = [f"data_demos{n_demos}"] if n_demos in data_for else (["data"] if not args.dataset else [])
+            study_flags = []
+            if spec.get("init") == "prior":
+                study_flags += ["--init-from", str(prior_dir)]
+                after.append(f"pretrain_s{seed}")
+                if "init_action" in spec:
+                    study_flags += ["--init-action", spec["init_action"]]
+            if "video_ratio" in spec:
+                study_flags += ["--video-dataset", args.video_dataset, "--video-ratio", spec["video_ratio"]]
+            overrides = _config_overrides(cfg) + model_flags + study_flags + [
+                "--dataset", str(cell_data), "--out", str(run_dir), "--variant", variant, "--steps",
                 str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
                 "--auto-resume", "--no-progress",
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
-            train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final,
-                                  after=("data",) if not args.dataset else (), priority=1,
-                                  resumes_from=run_dir / "checkpoints"))
+            train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final, after=tuple(after),
+                                  priority=1, resumes_from=run_dir / "checkpoints"))
             evals = {}
             for cond, options in conds.items():
                 if cond != BASE and cell not in axis_cells:

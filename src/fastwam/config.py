@@ -50,6 +50,8 @@ class ModelConfig:
     action_horizon: int = 32  # actions per predicted chunk
     # Latent frames per clip, the first being the clean observation (9 video frames / 4x VAE -> 3).
     latent_frames: int = 3
+    # False: the video expert alone, a video prior (`fastwam pretrain`): no action expert, no state projection.
+    action_expert: bool = True
 
     @property
     def video_dim(self) -> int:
@@ -136,6 +138,10 @@ class DataConfig:
     cache_in_memory: bool = True  # decode every frame once up front (if under half the free memory)
     num_workers: int = 0  # DataLoader worker processes
     val_episodes: int = 0  # episodes held out (the last ones) for validation loss
+    # Co-training with action-free video: a LeRobot dataset without actions (same cameras) whose clips add to the
+    # video loss only (their action loss is masked out). Each batch holds exactly round(video_ratio * batch) of them.
+    video_dataset: str = ""
+    video_ratio: float = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,7 +150,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    variant: Literal["fast", "joint", "idm", "no_cotrain"] = "fast"  # the attention variant to train
+    # The attention variant to train; "video" is `fastwam pretrain`'s objective (the video expert alone).
+    variant: Literal["fast", "joint", "idm", "no_cotrain", "video"] = "fast"
     steps: int = 2000  # total optimisation steps (> 0)
     batch_size: int = 16  # global batch: all ranks and grad_accum micro-batches together
     grad_accum: int = 1  # micro-batches per optimisation step
@@ -160,6 +167,14 @@ class TrainConfig:
     # Initialise from Wan2.2 weights (a local diffusers or original-layout directory): the video expert loads them,
     # the action expert is interpolated from them (docs/reference.md, "Action-expert initialisation"). Empty = random.
     init_from_wan: str = ""
+    # Initialise from a fastwam run (a `fastwam pretrain` video prior, or any policy run): its video expert (and state
+    # projection, where both have one) is copied; the action expert is interpolated from the video expert as from Wan
+    # weights (init_action "interpolate") or left random ("random"). The codec and text encoder come from that run.
+    init_from: str = ""
+    init_action: Literal["interpolate", "random"] = "interpolate"
+    # Recorded when the run starts (not options): the source checkpoint's step and the sha256 of its weights file.
+    init_from_step: int = 0
+    init_from_sha256: str = ""
     fsdp: bool = False  # multi-GPU: shard with FSDP2 (fully_shard) instead of DDP (the 5B preset)
     random_shift: int = 0  # augmentation: random translation of the clip's frames by up to N pixels
     ema_decay: float = 0.0  # 0 = no EMA (the official code has none)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import tyro
@@ -34,7 +34,15 @@ from fastwam.model.visibility import get_variant
 from fastwam.presets import PresetArgs, parse_with_preset
 from fastwam.training import monitor, runs
 from fastwam.training.distributed import Dist, any_rank, barrier, init_distributed, mean_across_ranks, wrap_model
-from fastwam.training.steps import StepBatches, lr_scale, prepare_batch, random_shift, step_generator
+from fastwam.training.steps import (
+    MixedBatches,
+    StepBatches,
+    lr_scale,
+    prepare_batch,
+    random_shift,
+    step_generator,
+    with_placeholders,
+)
 
 __all__ = ["train", "TrainResult", "TrainArgs", "cli", "parse_with_preset", "resolve_config", "fit_codec",
            "StepBatches", "lr_scale"]
@@ -44,11 +52,14 @@ __all__ = ["train", "TrainResult", "TrainArgs", "cli", "parse_with_preset", "res
 
 
 def resolve_config(cfg: Config, dataset, codec: LatentCodec) -> Config:
-    """Fill the model's robot interface and latent geometry from the dataset and codec (not from the preset)."""
+    """Fill the model's robot interface and latent geometry from the dataset and codec (not from the preset).
+    A video prior (`fastwam pretrain`) has no robot interface: its action / state sizes stay as configured."""
+    robot = {}
+    if cfg.model.action_expert:
+        robot = {"action_dim": int(dataset.action_dim), "state_dim": int(dataset.state_dim)}
     model = dataclasses.replace(
         cfg.model,
-        action_dim=int(dataset.action_dim),
-        state_dim=int(dataset.state_dim),
+        **robot,
         action_horizon=cfg.data.action_horizon,
         latent_channels=codec.latent_channels,
         latent_frames=codec.latent_frames(cfg.data.num_frames),
@@ -76,8 +87,11 @@ def fit_codec(cfg: Config, dataset) -> Config:
     return cfg.replace(codec=fit_codec_stats(cfg.codec, videos))
 
 
-def stats_dict(dataset) -> dict:
-    stats = dataset.stats
+def stats_dict(dataset) -> dict | None:
+    """The dataset's action / state statistics (None for video-only data: a video prior stores none)."""
+    stats = getattr(dataset, "stats", None)
+    if stats is None:
+        return None
     return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
 
 
@@ -131,7 +145,9 @@ class _Trainer:
     ema: FastWAM | None
     optimizer: torch.optim.Optimizer
     wrapped: torch.nn.Module  # the model, or its DDP / FSDP wrapper
-    norm_stats: dict
+    norm_stats: dict | None
+    mix: Any = None  # MixedBatches when co-training with an action-free dataset
+    video_dataset: Any = None
     timers: dict = field(default_factory=lambda: dict.fromkeys(
         ("data", "compute", "log", "checkpoint", "validation", "samples"), 0.0))
 
@@ -158,8 +174,16 @@ def train(
     run_dir = Path(out)
     check_train_settings(cfg.train)
     ckpt = runs.find_resume_checkpoint(run_dir, resume)
-    cfg, dataset, val_dataset = _set_up(cfg, ckpt, dataset, val_dataset, accept_changes, d)
+    cfg, dataset, val_dataset, video_dataset = _set_up(cfg, ckpt, dataset, val_dataset, accept_changes, d)
     t = _build(cfg, d, run_dir, dataset, val_dataset, from_wan=ckpt is None)
+    if video_dataset is not None:
+        t.video_dataset = video_dataset
+        t.mix = MixedBatches(len(dataset), len(video_dataset), cfg.train.batch_size, cfg.data.video_ratio,
+                             cfg.train.seed)
+        if d.main and progress:
+            print(f"co-training: each batch of {cfg.train.batch_size} holds {t.mix.labelled} action-labelled clips "
+                  f"from {cfg.data.dataset} and {t.mix.video} action-free clips from {cfg.data.video_dataset} "
+                  f"({len(video_dataset)} clips)", file=sys.stderr)
     start = _resume(t, ckpt) if ckpt is not None else 0
     end = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
     result = TrainResult(run_dir, ckpt, start)
@@ -175,14 +199,22 @@ def _set_up(cfg: Config, ckpt: Path | None, dataset, val_dataset, accept_changes
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     saved = ckpt_io.load_config(ckpt) if ckpt is not None else None
+    if cfg.train.init_from:
+        from fastwam.training import init_from
+
+        if cfg.train.variant == "video":
+            raise UserError("--init-from starts a policy from a video prior; `fastwam pretrain` starts from scratch")
+        cfg = init_from.recorded_source(cfg, saved) if saved is not None else init_from.adopt_source(cfg, d.main)
     if saved is not None:
         cfg = runs.resume_codec(cfg, saved)
+    video_only = cfg.train.variant == "video"
     if dataset is None:
         from fastwam.data.clips import ClipDataset
 
-        dataset = ClipDataset(cfg.data, split="train")
+        dataset = ClipDataset(cfg.data, split="train", actions=not video_only)
         if val_dataset is None and cfg.data.val_episodes > 0:
-            val_dataset = ClipDataset(cfg.data, split="val", stats=dataset.stats)
+            val_dataset = ClipDataset(cfg.data, split="val", stats=dataset.stats, actions=not video_only)
+    video_dataset = _video_dataset(cfg, dataset) if cfg.data.video_dataset else None
     cfg = fit_codec(cfg, dataset)
     cfg = resolve_config(cfg, dataset, build_codec(cfg.codec))
     if saved is not None:
@@ -197,7 +229,29 @@ def _set_up(cfg: Config, ckpt: Path | None, dataset, val_dataset, accept_changes
     if tc.batch_size % (d.world * tc.grad_accum):
         raise UserError(f"train.batch_size {tc.batch_size} must be divisible by world size x grad_accum "
                         f"({d.world} x {tc.grad_accum})")
-    return cfg, dataset, val_dataset
+    return cfg, dataset, val_dataset, video_dataset
+
+
+def _video_dataset(cfg: Config, dataset):
+    """The action-free clips of `data.video_dataset`, cut and laid out exactly as the labelled dataset's."""
+    from fastwam.data.clips import ClipDataset
+    from fastwam.data.lerobot import DatasetError
+
+    if cfg.train.variant == "video":
+        raise UserError("--video-dataset mixes action-free clips into a policy's training; for a video prior give "
+                        "the video as `fastwam pretrain --dataset`")
+    if cfg.train.variant == "no_cotrain":
+        raise UserError("--video-dataset adds to the video loss, which no_cotrain does not train")
+    cameras = tuple(getattr(dataset, "camera_keys", ()) or cfg.data.cameras)
+    data = dataclasses.replace(cfg.data, dataset=cfg.data.video_dataset, cameras=cameras, val_episodes=0)
+    try:
+        video = ClipDataset(data, split="train", actions=False)
+    except DatasetError as e:
+        raise DatasetError(f"--video-dataset: {e}") from None
+    if hasattr(dataset, "frame_size") and video.frame_size != dataset.frame_size:
+        raise DatasetError(f"--video-dataset {cfg.data.video_dataset}: frames are {video.frame_size}, the action "
+                           f"dataset's {dataset.frame_size}")
+    return video
 
 
 def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: bool) -> _Trainer:
@@ -214,6 +268,13 @@ def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: 
         model = build_fastwam_from_wan(tc.init_from_wan, cfg.model, device=device, seed=tc.seed)
     else:
         model = FastWAM(cfg.model).to(device)
+        if tc.init_from and from_wan:
+            from fastwam.training import init_from
+
+            report = init_from.initialise(model, cfg)
+            if d.main:
+                print(f"init-from {tc.init_from} (step {tc.init_from_step}): {len(report['copied'])} tensors copied, "
+                      f"{len(report['interpolated'])} interpolated, {len(report['random'])} random", file=sys.stderr)
     model.grad_checkpointing = tc.grad_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_decay > 0 else None
@@ -273,8 +334,13 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
     gen = step_generator(tc.seed, step)
 
     clock = time.perf_counter()
-    indices = batches.indices(step)[d.rank * micro * tc.grad_accum:(d.rank + 1) * micro * tc.grad_accum]
-    items = [t.dataset[i] for i in indices]
+    mine = slice(d.rank * micro * tc.grad_accum, (d.rank + 1) * micro * tc.grad_accum)
+    if t.mix is None:
+        items = [t.dataset[i] for i in batches.indices(step)[mine]]
+    else:
+        m = t.cfg.model
+        items = [with_placeholders(t.video_dataset[i], m.action_horizon, m.action_dim, m.state_dim) if action_free
+                 else {**t.dataset[i], "labelled": torch.tensor(True)} for action_free, i in t.mix.indices(step)[mine]]
     collate = getattr(t.dataset, "collate", None)
     global_batch = collate(items) if collate else items
     t.timers["data"] += time.perf_counter() - clock
@@ -292,12 +358,16 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
         if noise is None:
             # One draw for the whole global batch; this rank's micro-batch takes its slice.
             video_shape = (tc.batch_size, *inputs["latents"].shape[1:])
-            noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *inputs["actions"].shape[1:]), gen)
+            action_shape = inputs["actions"].shape[1:] if inputs["actions"] is not None else (1, 1)
+            noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *action_shape), gen)
         start = (d.rank * tc.grad_accum + a) * micro
         sync = contextlib.nullcontext() if (a == tc.grad_accum - 1 or d.world == 1) else t.wrapped.no_sync()
         autocast = torch.autocast(t.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with sync, autocast:
-            out = t.wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), t.device))
+            # Whether the action stream runs is decided for the whole global batch, so every rank runs the same
+            # modules (DDP): only a video prior's objective skips it.
+            out = t.wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), t.device),
+                            run_actions=variant.action_loss_weight > 0)
             (out.total / tc.grad_accum).backward()
         totals += torch.stack([out.total.detach(), out.video, out.action]).float() / tc.grad_accum
     if not torch.isfinite(totals).all():
@@ -350,6 +420,7 @@ class _Log:
     def __init__(self, t: _Trainer, start: int, show_bar: bool):
         tc = t.cfg.train
         self.batch_size = tc.batch_size
+        self.mix = t.mix
         self.metrics = runs.MetricsLog(t.run_dir / "metrics.jsonl", start) if t.d.main else None
         self.writer = monitor.summary_writer(t.run_dir, tc.wandb, purge_step=start + 1) if t.d.main else None
         self.bar = tqdm(total=tc.steps, initial=start, disable=not show_bar, dynamic_ncols=True,
@@ -362,6 +433,8 @@ class _Log:
         self.window_start, self.window_first = now, done
         entry = {"step": done, "loss": totals[0].item(), "video": totals[1].item(), "action": totals[2].item(),
                  "lr": lr, "grad_norm": grad_norm, "it_s": its}
+        if self.mix is not None:  # the exact mix of every batch (co-training with action-free video)
+            entry.update(clips_labelled=self.mix.labelled, clips_action_free=self.mix.video)
         self.bar.set_postfix(loss=f"{entry['loss']:.4f}", video=f"{entry['video']:.4f}",
                              action=f"{entry['action']:.4f}", lr=f"{lr:.1e}")
         monitor.write_scalars(self.writer, entry, self.batch_size)
@@ -410,6 +483,15 @@ class TrainArgs(PresetArgs):
     accept_changes: bool = False
     synthetic: bool = False  # train on the built-in synthetic dataset (smoke test; no data needed)
     progress: bool = True  # show a progress bar
+    # Start from another fastwam run (a `fastwam pretrain` video prior, or any run): its video expert, codec and text
+    # encoder (overrides --config.train.init-from).
+    init_from: str = ""
+    # With --init-from: the action expert interpolated from the video expert (as from Wan weights), or random.
+    init_action: Literal["interpolate", "random"] | None = None
+    # Co-train with an action-free LeRobot dataset (same cameras): its clips add to the video loss only.
+    video_dataset: str = ""
+    # Share of each batch taken from --video-dataset (exact: round(ratio x batch) clips; default 0.5).
+    video_ratio: float | None = None
 
 
 def cli(argv: list[str], prog: str = "fastwam train") -> int:
@@ -418,8 +500,33 @@ def cli(argv: list[str], prog: str = "fastwam train") -> int:
     if args.dataset:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=args.dataset))
     if args.variant:
+        if args.variant == "video":
+            raise UserError("--variant video is the objective of a video prior: run `fastwam pretrain`")
         get_variant(args.variant)
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, variant=args.variant))
+    if cfg.train.variant == "video" or not cfg.model.action_expert:
+        raise UserError("`fastwam train` trains a policy; a video prior (the 'video' objective, no action expert) is "
+                        "`fastwam pretrain`'s")
+    train_fields, data_fields = {}, {}
+    if args.init_from:
+        train_fields["init_from"] = args.init_from
+    if args.init_action is not None:
+        train_fields["init_action"] = args.init_action
+    if args.video_dataset:
+        data_fields["video_dataset"] = args.video_dataset
+    if args.video_ratio is not None:
+        data_fields["video_ratio"] = args.video_ratio
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, **train_fields),
+                      data=dataclasses.replace(cfg.data, **data_fields))
+    if (args.init_action is not None) and not cfg.train.init_from:
+        raise UserError("--init-action needs --init-from RUN")
+    if args.video_ratio is not None and not cfg.data.video_dataset:
+        raise UserError("--video-ratio needs --video-dataset DIR")
+    return _run(cfg, args, prog)
+
+
+def _run(cfg: Config, args, prog: str) -> int:
+    """What `fastwam train` and `fastwam pretrain` share once the config is made: steps, resume, data, the run."""
     if args.steps is not None:
         if args.steps < 1:
             raise UserError(f"--steps must be a positive number of optimisation steps, got {args.steps}")
@@ -427,7 +534,7 @@ def cli(argv: list[str], prog: str = "fastwam train") -> int:
     if args.resume and args.auto_resume:
         raise UserError("give --resume or --auto-resume, not both")
     dataset = None
-    if args.synthetic:
+    if getattr(args, "synthetic", False):
         from fastwam.data.synthetic import SyntheticClips
 
         dataset = SyntheticClips(cfg.data, num_clips=128)
@@ -445,3 +552,37 @@ def cli(argv: list[str], prog: str = "fastwam train") -> int:
               "command plus --resume", file=sys.stderr)
         return 130
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `fastwam pretrain`: the video expert alone
+
+
+@dataclass
+class PretrainArgs(PresetArgs):
+    """Pretrain a video prior: the video expert alone (no action expert, no action tokens) learns to predict future
+    frames by flow matching on any LeRobot dataset, with or without actions (`fastwam data videos`, `fastwam data
+    metaworld --no-actions`). Start a policy from it with `fastwam train --init-from RUN`."""
+
+    config: Config
+    dataset: str = ""  # LeRobot dataset directory (actions not needed; overrides --config.data.dataset)
+    out: str = "runs/pretrain"  # run directory (checkpoints, tensorboard, metrics.jsonl, samples/)
+    # Total optimisation steps, > 0 (default: the preset's); with --resume, the new total.
+    steps: Annotated[int | None, tyro.conf.arg(metavar="N")] = None
+    resume: bool = False  # continue the run in --out from its latest checkpoint (an error if it has none)
+    auto_resume: bool = False  # resume when --out holds a checkpoint, else start there
+    accept_changes: bool = False  # with --resume: continue under this command's settings where they differ
+    progress: bool = True  # show a progress bar
+
+
+def pretrain_cli(argv: list[str], prog: str = "fastwam pretrain") -> int:
+    args = parse_with_preset(argv, PretrainArgs, prog)
+    cfg = args.config
+    if args.dataset:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=args.dataset))
+    if cfg.data.video_dataset or cfg.train.init_from or cfg.train.init_from_wan:
+        raise UserError("fastwam pretrain trains a video expert from scratch on --dataset alone (no "
+                        "--config.data.video-dataset, --config.train.init-from or init-from-wan)")
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, variant="video"),
+                      model=dataclasses.replace(cfg.model, action_expert=False))
+    return _run(cfg, args, prog)

@@ -177,6 +177,9 @@ def load_checked(path: str | Path, use_ema: bool = True) -> CheckedCheckpoint:
     config_file, stats_file = ckpt / ckpt_io.CONFIG, ckpt / ckpt_io.NORM_STATS
     cfg = _loaded(config_file, lambda: ckpt_io.load_config(ckpt))  # types: `Config.from_dict`, per dotted field
     check_config(cfg, config_file)
+    if not cfg.model.action_expert:
+        raise _fail(config_file, "describes a video prior (`fastwam pretrain`): it has no action expert and cannot "
+                    "act", f"train a policy from it: fastwam train --init-from {path} --dataset DIR ...")
     raw = _loaded(stats_file, lambda: ckpt_io.load_norm_stats(ckpt))
     if raw is None:
         raise _fail(stats_file, "missing (actions cannot be un-normalised without it)",

@@ -6,6 +6,9 @@ Every frame of every episode in the split starts one clip (LeRobot's convention)
 - "video_mask": bool [T], False where a frame lies past the episode end (those repeat the last frame);
 - "actions": float32 [action_horizon, A] normalised, steps t0 .. t0 + H - 1 (past the end: the last action repeated);
 - "action_mask": bool [H]; "state": float32 [S] normalised (step t0); "task": the instruction.
+A dataset without actions (no `action` feature, and usually no state: video recorded without a policy's log) loads
+with `actions=False`, for whatever needs only video (`fastwam pretrain`, co-training's action-free clips): its items
+hold "video", "video_mask" and "task". Asked for actions, it is refused with one line saying what it is.
 Action/state dims, fps and camera resolutions come from the dataset's metadata, never from the preset. Everything is
 checked when the dataset is built, so a bad dataset fails before training starts, with the file and field named.
 
@@ -21,6 +24,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +39,13 @@ from fastwam.data.transforms import camera_sizes, canvas_size, layout_cameras, r
 log = logging.getLogger(__name__)
 
 CAMERA_PREFIX = "observation.images."
+# Datasets whose decoded frames take at least this much go to the shared, memory-mapped frame cache (see
+# `ClipDataset._shared_cache`); smaller ones are decoded into each process's memory.
+SHARED_CACHE_MIN_BYTES = 1 << 30
+
+
+def frame_cache_dir() -> Path:
+    return Path(os.environ.get("FASTWAM_CACHE_DIR") or Path.home() / ".cache" / "fastwam" / "frames")
 _LAZY_EPISODES = 16  # decoded episodes kept per camera when not caching everything
 
 
@@ -58,7 +69,11 @@ def resolve_cameras(reader: LeRobotReader, cameras: Sequence[str]) -> list[str]:
 def _vector_dim(reader: LeRobotReader, key: str, role: str) -> int:
     info = reader.root / INFO_PATH
     if key not in reader.features:
-        raise DatasetError(f"{info}: {role} feature {key!r} not found; features are {sorted(reader.features)}")
+        hint = ""
+        if role == "action" and not any(k in reader.features for k in ("action", "actions")):
+            hint = (" (an action-free, video-only dataset: use it with `fastwam pretrain --dataset` or "
+                    "`fastwam train --video-dataset`, not as a policy's --dataset)")
+        raise DatasetError(f"{info}: {role} feature {key!r} not found; features are {sorted(reader.features)}{hint}")
     shape = list(reader.features[key]["shape"])
     if len(shape) != 1 or shape[0] < 1:
         raise DatasetError(f"{info}: {role} feature {key!r} must be a 1-D vector, has shape {shape}")
@@ -84,7 +99,9 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class ClipDataset(Dataset):
     collate = staticmethod(collate)  # the trainer calls `dataset.collate(items)`
 
-    def __init__(self, cfg: DataConfig, split: Literal["train", "val"] = "train", stats: NormStats | None = None):
+    def __init__(self, cfg: DataConfig, split: Literal["train", "val"] = "train", stats: NormStats | None = None,
+                 actions: bool = True):
+        """actions=False: video only (any dataset, with or without actions): items without actions and state."""
         if not cfg.dataset:
             raise DatasetError("DataConfig.dataset is empty: pass the path of a LeRobot dataset directory")
         if split not in ("train", "val"):
@@ -109,15 +126,20 @@ class ClipDataset(Dataset):
             if c != 3:
                 raise DatasetError(f"{info}: camera {key!r} has {c} channels, expected 3 (RGB)")
         self.state_key, self.action_key = cfg.state_key, cfg.action_key
-        self.state_dim = _vector_dim(reader, cfg.state_key, "state")
-        self.action_dim = _vector_dim(reader, cfg.action_key, "action")
+        self.labelled = actions
+        vectors = []
+        if actions:
+            # Actions first: a video-only dataset is named as such, before its missing state is.
+            self.action_dim = _vector_dim(reader, cfg.action_key, "action")
+            self.state_dim = _vector_dim(reader, cfg.state_key, "state")
+            vectors = [(cfg.action_key, self.action_dim), (cfg.state_key, self.state_dim)]
 
         # -- low-dim columns ----------------------------------------------------------------------------------------
-        cols = reader.read_columns([cfg.state_key, cfg.action_key, "episode_index", "task_index"])
+        cols = reader.read_columns([k for k, _ in vectors] + ["episode_index", "task_index"])
         files = reader.data_files()
         data_dir = files[0] if len(files) == 1 else reader.root / "data"
         arrays = {}
-        for key, dim in ((cfg.action_key, self.action_dim), (cfg.state_key, self.state_dim)):
+        for key, dim in vectors:
             a = cols[key]
             if a.ndim != 2 or a.shape[1] != dim:
                 raise DatasetError(f"{data_dir}:{key}: values have shape {a.shape[1:]}, info.json declares [{dim}]")
@@ -141,16 +163,18 @@ class ClipDataset(Dataset):
             raise DatasetError(f"{data_dir}:task_index: values outside 0..{len(reader.tasks) - 1} (meta/tasks.parquet)")
 
         # -- normalisation (over all episodes so both splits share it) ------------------------------------------------
-        if stats is None:
-            stats = NormStats.compute({"action": arrays[cfg.action_key], "state": arrays[cfg.state_key]})
-        for role, dim in (("action", self.action_dim), ("state", self.state_dim)):
-            if role not in stats.stats or stats.dim(role) != dim:
-                got = stats.dim(role) if role in stats.stats else None
-                raise DatasetError(f"{info}: given norm stats have {role} dim {got}, the dataset has {dim}")
-        self.stats = stats
-        self.normalizer = Normalizer(stats, cfg.normalizer)
-        self._actions = np.asarray(self.normalizer.normalize("action", arrays[cfg.action_key]), dtype=np.float32)
-        self._states = np.asarray(self.normalizer.normalize("state", arrays[cfg.state_key]), dtype=np.float32)
+        self.stats, self.normalizer = None, None
+        if actions:
+            if stats is None:
+                stats = NormStats.compute({"action": arrays[cfg.action_key], "state": arrays[cfg.state_key]})
+            for role, dim in (("action", self.action_dim), ("state", self.state_dim)):
+                if role not in stats.stats or stats.dim(role) != dim:
+                    got = stats.dim(role) if role in stats.stats else None
+                    raise DatasetError(f"{info}: given norm stats have {role} dim {got}, the dataset has {dim}")
+            self.stats = stats
+            self.normalizer = Normalizer(stats, cfg.normalizer)
+            self._actions = np.asarray(self.normalizer.normalize("action", arrays[cfg.action_key]), dtype=np.float32)
+            self._states = np.asarray(self.normalizer.normalize("state", arrays[cfg.state_key]), dtype=np.float32)
         self._task_index = task_index
         self.tasks = list(reader.tasks)
 
@@ -174,7 +198,9 @@ class ClipDataset(Dataset):
         # -- frames --------------------------------------------------------------------------------------------------
         self._cache: list[np.ndarray] | None = None
         self._lazy: list[OrderedDict[int, np.ndarray]] = [OrderedDict() for _ in self.camera_keys]
-        if cfg.cache_in_memory and self._fits_in_memory():
+        if cfg.cache_in_memory and self._cache_bytes() >= SHARED_CACHE_MIN_BYTES:
+            self._cache = self._shared_cache()
+        elif cfg.cache_in_memory and self._fits_in_memory():
             self._cache = self._decode_all()
         else:
             self._check_videos()
@@ -191,26 +217,72 @@ class ClipDataset(Dataset):
         return {
             "dataset": str(self.root), "split": self.split, "episodes": self.num_episodes, "clips": len(self),
             "fps": self.fps, "cameras": self.camera_keys, "camera_shapes": self.camera_shapes,
-            "frame_size": self.frame_size, "action_dim": self.action_dim, "state_dim": self.state_dim,
-            "cached": self._cache is not None,
+            "frame_size": self.frame_size, "action_dim": getattr(self, "action_dim", None),
+            "state_dim": getattr(self, "state_dim", None), "cached": self._cache is not None,
         }
 
     # -- decoding -----------------------------------------------------------------------------------------------------
+    def _cache_bytes(self) -> int:
+        return sum(int(self._ep_length.sum()) * h * w * 3 for h, w in self.camera_sizes)
+
+    def _shared_cache(self) -> list[np.ndarray]:
+        """Decoded frames of a large dataset in memory-mapped files under the frame cache directory
+        (`FASTWAM_CACHE_DIR`, default ~/.cache/fastwam/frames): decoded once, then shared by every process that
+        trains on the same dataset (two trainings side by side hold one copy in the page cache, not two in their own
+        memory: a 400k-frame corpus at two 64 x 64 cameras is 9.8 GB). The file name is a hash of the dataset's
+        location, its info.json and episode list, the split and the cameras' sizes, so a changed dataset gets a new
+        file; files are written under a temporary name and renamed, and a lock makes a second process wait for the
+        first one's decode instead of repeating it."""
+        import fcntl
+        import hashlib
+        import json as json_lib
+
+        info = self.root / INFO_PATH
+        st = info.stat()
+        key = json_lib.dumps([str(self.root.resolve()), st.st_mtime_ns, st.st_size, self.camera_keys,
+                              [list(s) for s in self.camera_sizes],
+                              [(e.index, e.length, e.dataset_from_index) for e in self.episodes]])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        folder = frame_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{digest}_{c}.npy" for c in range(len(self.camera_keys))]
+        with open(folder / f"{digest}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also when the process dies)
+            if not all(p.is_file() for p in paths):
+                log.warning("decoding %s into the shared frame cache %s (%.1f GB; once per dataset)", self.root,
+                            folder, self._cache_bytes() / 1e9)
+                total = int(self._ep_length.sum())
+                tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+                try:
+                    arrays = [np.lib.format.open_memmap(t, mode="w+", dtype=np.uint8, shape=(total, h, w, 3))
+                              for t, (h, w) in zip(tmps, self.camera_sizes, strict=True)]
+                    self._decode_all(arrays)
+                    for a in arrays:
+                        a.flush()
+                    del arrays
+                    for t, p in zip(tmps, paths, strict=True):
+                        os.replace(t, p)
+                finally:
+                    for t in tmps:
+                        t.unlink(missing_ok=True)
+        return [np.load(p, mmap_mode="r") for p in paths]
+
     def _fits_in_memory(self) -> bool:
-        need = sum(int(self._ep_length.sum()) * h * w * 3 for h, w in self.camera_sizes)
+        need = self._cache_bytes()
         avail = _available_memory()
         if avail is not None and need > 0.5 * avail:
             log.warning("not caching frames: %.1f GB needed, %.1f GB available", need / 1e9, avail / 1e9)
             return False
         return True
 
-    def _decode_all(self) -> list[np.ndarray]:
-        """Decode every needed frame once, file by file, into per-camera uint8 arrays resized to the layout."""
+    def _decode_all(self, into: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Decode every needed frame once, file by file, into per-camera uint8 arrays resized to the layout (new
+        arrays, or the given ones)."""
         total = int(self._ep_length.sum())
         caches = []
         jobs = []  # one per (camera, video file); PyAV decodes and converts without the GIL, so threads overlap
         for c, (key, size) in enumerate(zip(self.camera_keys, self.camera_sizes, strict=True)):
-            cache = np.empty((total, size[0], size[1], 3), np.uint8)
+            cache = np.empty((total, size[0], size[1], 3), np.uint8) if into is None else into[c]
             caches.append(cache)
             if self.reader.features[key]["dtype"] == "image":
                 for i, ep in enumerate(self.episodes):
@@ -328,6 +400,9 @@ class ClipDataset(Dataset):
             cams = [self._lazy_frames(c, ep)[fidx] for c in range(len(self.camera_keys))]
         video = to_model_range(layout_cameras(cams, self.cfg))  # [3, T, H, W]
         d0 = int(self._ep_data_start[ep])
+        if not self.labelled:
+            return {"video": video, "video_mask": torch.from_numpy(vmask),
+                    "task": self.tasks[int(self._task_index[d0 + t0])]}
         return {
             "video": video,
             "video_mask": torch.from_numpy(vmask),
@@ -339,7 +414,7 @@ class ClipDataset(Dataset):
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """Vectorised `collate([self[i] for i in indices])` (cached datasets; falls back to per-item otherwise)."""
-        if self._cache is None:
+        if self._cache is None or not self.labelled:
             return collate([self[int(i)] for i in indices])
         idx = np.asarray(indices, dtype=np.int64)
         ep, t0 = self._sample_ep[idx], self._sample_t0[idx]

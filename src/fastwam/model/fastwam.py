@@ -5,7 +5,11 @@ Read top to bottom: construction, conditioning, the training loss (one function 
 outside the trainable model (`codecs.py`, `text.py`) and are never part of its state dict.
 
 Shapes: latents [B, C, F, H, W] (frame 0 = the observation), actions [B, Ha, A] (normalised), state [B, S]
-(normalised), text [B, L, text_dim].
+(normalised), text [B, L, text_dim], labelled [B] (False: an action-free clip, whose actions and state are
+placeholders that never reach the loss).
+
+A model built with `ModelConfig.action_expert = False` is a video prior: the video expert alone, trained by
+`fastwam pretrain` with the "video" objective; `fastwam train --init-from` starts a policy from it.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ class TrainingNoise:
 class TrainingForward:
     """What one training forward predicts, and its targets (velocity = noise - data)."""
 
-    action_velocity: torch.Tensor  # [B, Ha, A]
-    action_target: torch.Tensor
+    action_velocity: torch.Tensor | None  # [B, Ha, A]; None when the action stream did not run
+    action_target: torch.Tensor | None
     video_velocity: torch.Tensor | None = None  # [B, C, F, H, W], every frame (frame 0 is not trained)
     video_target: torch.Tensor | None = None
 
@@ -83,9 +87,11 @@ class FastWAM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.video = VideoExpert(cfg)
-        self.action = ActionExpert(cfg)
+        # A video prior has neither an action expert nor a state (its context's state token is zero, as for an
+        # action-free clip): see `contexts`.
+        self.action = ActionExpert(cfg) if cfg.action_expert else None
         # Proprioception: one extra token on the text context, read by both experts' cross-attention.
-        self.state_proj = nn.Linear(cfg.state_dim, cfg.text_dim)
+        self.state_proj = nn.Linear(cfg.state_dim, cfg.text_dim) if cfg.action_expert else None
         self.grad_checkpointing = False
         self._compiled: dict = {}  # inference stage name -> torch.compile'd method (see `compile_inference`)
         self._compile_mode = ""
@@ -93,10 +99,31 @@ class FastWAM(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Conditioning
 
-    def contexts(self, text: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text states + the state token, projected by each expert's text embedder."""
-        raw = torch.cat([text, self.state_proj(state.to(text.dtype))[:, None]], dim=1)
-        return self.video.condition_embedder.text(raw), self.action.condition_embedder.text(raw)
+    def contexts(self, text: torch.Tensor, state: torch.Tensor | None, labelled: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text states + the state token, projected by each expert's text embedder (the action context is None for a
+        video prior).
+
+        A clip without a state (a video prior's, or an action-free clip, `labelled` False) gets a zero state token:
+        the value the text encoder gives padding, so the context keeps its length and the video expert sees the same
+        kind of context in pretraining, in co-training and in the policy.
+        """
+        raw = torch.cat([text, self._state_token(text, state, labelled)], dim=1)
+        action_ctx = self.action.condition_embedder.text(raw) if self.action is not None else None
+        return self.video.condition_embedder.text(raw), action_ctx
+
+    def _state_token(self, text: torch.Tensor, state: torch.Tensor | None, labelled: torch.Tensor | None):
+        if state is None or self.state_proj is None or (labelled is not None and not bool(labelled.any())):
+            # Not computed at all (rather than multiplied by 0): the state projection then gets no gradient, so an
+            # optimiser step leaves it exactly as it was.
+            return text.new_zeros(text.shape[0], 1, text.shape[2])
+        state = state.to(text.dtype)
+        if labelled is None:
+            return self.state_proj(state)[:, None]
+        keep = labelled.to(torch.bool)
+        # Placeholders are zeroed before the projection: a NaN there would otherwise reach its weight gradient.
+        token = self.state_proj(torch.where(keep[:, None], state, torch.zeros_like(state)))[:, None]
+        return torch.where(keep[:, None, None], token, torch.zeros_like(token))
 
     def _run(self, streams: list[Stream], rule: VisibilityRule, **kwargs) -> list[torch.Tensor]:
         return run_layers(streams, rule, grad_checkpointing=self.grad_checkpointing and self.training, **kwargs)
@@ -115,22 +142,33 @@ class FastWAM(nn.Module):
         action_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: TrainingNoise | None = None,
+        labelled: torch.Tensor | None = None,
+        run_actions: bool | None = None,
     ) -> LossOutput:
         """Joint flow-matching loss. Video and action noise levels are drawn independently.
 
         latent_mask [B, F] / action_mask [B, Ha]: False marks padding past the episode end (excluded from the loss).
         noise: explicit noise (e.g. the rank's slice of a global batch's draw); else drawn from `generator`.
+        labelled [B]: False marks an action-free clip: it adds to the video loss only; the action loss is the mean over
+        the labelled clips (their actions and state are never read into the loss, whatever placeholder they hold).
+        run_actions: whether to run the action stream at all (default: when the objective trains actions and some
+        clip is labelled). A trainer sets it from the whole global batch, so that every rank runs the same modules.
 
         The official reduction: video = squared error averaged over (C, H, W) of each latent frame 1.., then over the
         sample's valid frames; action = averaged over A, then over the valid steps; each sample times its own noise-
         level weight w(sigma); then the batch mean (so a sample counts the same however much of it is padding).
         """
+        if run_actions is None:
+            run_actions = variant.action_loss_weight > 0 and (labelled is None or bool(labelled.any()))
         if noise is None:
-            noise = TrainingNoise.draw(variant, latents.shape, actions.shape, generator, latents.device, latents.dtype)
-        fwd = self.training_forward(latents, actions, state, text, variant, noise)
-        err_a = (fwd.action_velocity.float() - fwd.action_target.float()).pow(2).mean(-1)  # [B, Ha]
-        mask_a = torch.ones_like(err_a) if action_mask is None else action_mask.to(err_a.dtype)
-        loss_a = _weighted_sample_mean(err_a, mask_a, flow.loss_weight(noise.sigma_a))
+            a_shape = actions.shape if actions is not None else (latents.shape[0], 1, 1)
+            noise = TrainingNoise.draw(variant, latents.shape, a_shape, generator, latents.device, latents.dtype)
+        fwd = self.training_forward(latents, actions, state, text, variant, noise, labelled, run_actions)
+        loss_a = torch.zeros((), device=latents.device)
+        if fwd.action_velocity is not None:
+            err_a = (fwd.action_velocity.float() - fwd.action_target.float()).pow(2).mean(-1)  # [B, Ha]
+            mask_a = torch.ones_like(err_a) if action_mask is None else action_mask.to(err_a.dtype)
+            loss_a = _weighted_sample_mean(err_a, mask_a, flow.loss_weight(noise.sigma_a), labelled)
 
         loss_v = torch.zeros((), device=latents.device)
         if fwd.video_velocity is not None and variant.video_loss_weight > 0:
@@ -141,15 +179,24 @@ class FastWAM(nn.Module):
             # Frame 0 is the clean observation: never part of the video loss.
             loss_v = _weighted_sample_mean(err_v[:, 1:], mask_v[:, 1:], flow.loss_weight(noise.sigma_v))
 
-        total = variant.video_loss_weight * loss_v + variant.action_loss_weight * loss_a
+        total = variant.video_loss_weight * loss_v
+        if fwd.action_velocity is not None:
+            total = total + variant.action_loss_weight * loss_a
         return LossOutput(total=total, video=loss_v.detach(), action=loss_a.detach())
 
     def training_forward(
-        self, latents, actions, state, text, variant: Variant, noise: TrainingNoise
+        self, latents, actions, state, text, variant: Variant, noise: TrainingNoise,
+        labelled: torch.Tensor | None = None, run_actions: bool = True,
     ) -> TrainingForward:
-        """One training forward: noise both modalities, run the variant's masked MoT, predict both velocities."""
+        """One training forward: noise both modalities, run the variant's masked MoT, predict both velocities.
+
+        Without run_actions (a video prior, or a batch of action-free clips only) there are no action tokens at all:
+        video never attends to actions, so the video prediction is the same, and the action expert gets no gradient.
+        """
+        if run_actions and self.action is None:
+            raise ValueError("this model is a video prior (no action expert): train it with the 'video' objective")
         sigma_v, sigma_a, noise_a = noise.sigma_v, noise.sigma_a, noise.noise_a
-        video_ctx, action_ctx = self.contexts(text, state)
+        video_ctx, action_ctx = self.contexts(text, state if run_actions else None, labelled)
 
         # Without a video objective and with actions blind to future video (fast mask), the future frames cannot
         # influence anything that is trained: feed only the clean first frame (identical loss, far less compute).
@@ -162,16 +209,23 @@ class FastWAM(nn.Module):
         noisy_v[:, :, :1] = video_in[:, :, :1]  # the observation stays clean (t = 0)
         streams = [self.video.to_stream(noisy_v, self.video.token_timesteps(noisy_v, sigma_v), video_ctx)]
 
-        if variant.rule.relation(Group.ACTION, Group.COND) is not Rel.NONE:
+        if run_actions and variant.rule.relation(Group.ACTION, Group.COND) is not Rel.NONE:
             # IDM: a clean copy of the video conditions the actions; noised with probability cond_noise_prob.
             cond = flow.add_noise(latents, noise.noise_c, noise.sigma_c)
             cond[:, :, :1] = latents[:, :, :1]
             cond_t = self.video.token_timesteps(cond, noise.sigma_c)
             streams.append(self.video.to_stream(cond, cond_t, video_ctx, Group.COND))
 
-        streams.append(self.action.to_stream(flow.add_noise(actions, noise_a, sigma_a), 1000.0 * sigma_a, action_ctx))
+        if run_actions:
+            if labelled is not None:  # an action-free clip's placeholder actions never enter the model
+                keep = labelled.to(torch.bool)[:, None, None]
+                actions = torch.where(keep, actions, torch.zeros_like(actions))
+            noisy_a = flow.add_noise(actions, noise_a, sigma_a)
+            streams.append(self.action.to_stream(noisy_a, 1000.0 * sigma_a, action_ctx))
         outs = self._run(streams, variant.rule)
-        out = TrainingForward(self.action.head(outs[-1]), flow.velocity_target(actions, noise_a))
+        out = TrainingForward(None, None)
+        if run_actions:
+            out = TrainingForward(self.action.head(outs[-1]), flow.velocity_target(actions, noise_a))
         if want_video:
             pred_v = self.video.head(outs[0], streams[0].temb)
             out.video_velocity = self.video.unpatchify(pred_v, self.video.grid(video_in))
@@ -360,7 +414,7 @@ class FastWAM(nn.Module):
         return self._compiled.get(name) or getattr(self, name)
 
     def num_parameters(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
         return {
             "video_expert": count(self.video),
             "action_expert": count(self.action),
@@ -374,11 +428,19 @@ def _future_euler_step(x_v: torch.Tensor, v_v: torch.Tensor, sigma, sigma_next) 
     return torch.cat([x_v[:, :, :1], flow.euler_step(x_v[:, :, 1:], v_v[:, :, 1:], sigma, sigma_next)], dim=2)
 
 
-def _weighted_sample_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _weighted_sample_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                          samples: torch.Tensor | None = None) -> torch.Tensor:
     """err [B, N] averaged over each sample's unmasked elements, times the sample's weight [B], averaged over the
     batch. (Video tokens: every latent frame has the same number of tokens, so this is the official mean over a
-    frame's (C, H, W) followed by the mean over the sample's valid frames.)"""
+    frame's (C, H, W) followed by the mean over the sample's valid frames.)
+
+    samples [B] (bool): average over these samples only (the others are selected out, not multiplied by zero, so
+    whatever they hold, even NaN, cannot reach the loss or its gradient)."""
     per_sample = (err * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    return (per_sample * weight.to(per_sample.dtype)).mean()
+    weighted = per_sample * weight.to(per_sample.dtype)
+    if samples is None:
+        return weighted.mean()
+    keep = samples.to(torch.bool)
+    return weighted[keep].sum() / keep.sum().clamp_min(1).to(weighted.dtype)
 
 

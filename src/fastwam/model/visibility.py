@@ -101,11 +101,17 @@ VARIANTS: dict[str, Variant] = {
     "no_cotrain": Variant("no_cotrain", FAST_RULE, "fast", video_loss_weight=0.0),
 }
 
+# `fastwam pretrain`'s objective: the video expert alone (no action expert, no action tokens), video loss only. Not a
+# policy variant: a video prior is the starting point of one (`fastwam train --init-from`).
+VIDEO_PRIOR = Variant("video", FAST_RULE, "fast", action_loss_weight=0.0)
+
 # The rule each inference mode runs under (a fast-mode pass never holds future video, so its rule is FAST's).
 MODE_RULES: dict[str, VisibilityRule] = {"fast": FAST_RULE, "joint": JOINT_RULE, "idm": IDM_RULE}
 
 
 def get_variant(name: str) -> Variant:
+    if name == VIDEO_PRIOR.name:
+        return VIDEO_PRIOR
     try:
         return VARIANTS[name]
     except KeyError:

@@ -48,7 +48,7 @@ def validation_loss(model, dataset, codec, text_encoder, variant, device, seed: 
         batch = collate([dataset[i] for i in range(start, min(n, start + 16))])
         inputs = prepare_batch(batch, codec, text_encoder, device)
         out = model.loss(**inputs, variant=variant, generator=step_generator(seed, start, 99))
-        b = inputs["actions"].shape[0]
+        b = inputs["latents"].shape[0]
         sums += torch.stack([out.total.detach(), out.video, out.action]).float().cpu() * b
         count += b
     model.train(was_training)

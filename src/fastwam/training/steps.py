@@ -40,19 +40,57 @@ def random_shift(video: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 
 def prepare_batch(batch: dict, codec: LatentCodec, text_encoder: TextEncoder, device) -> dict:
-    """A collated clip batch -> the tensors `FastWAM.loss` takes."""
+    """A collated clip batch -> the tensors `FastWAM.loss` takes (a video-only batch: actions and state None)."""
     video = batch["video"].to(device)
     with torch.no_grad():
         latents = codec.encode(video)
         text = text_encoder(list(batch["task"])).to(device)
-    return {
+    get = lambda key: batch[key].to(device) if key in batch else None  # noqa: E731
+    out = {
         "latents": latents,
         "latent_mask": codec.latent_frame_mask(batch["video_mask"].to(device)),
-        "actions": batch["actions"].to(device),
-        "action_mask": batch["action_mask"].to(device),
-        "state": batch["state"].to(device),
+        "actions": get("actions"),
+        "action_mask": get("action_mask"),
+        "state": get("state"),
         "text": text,
     }
+    if "labelled" in batch:
+        out["labelled"] = batch["labelled"].to(device)
+    return out
+
+
+class MixedBatches:
+    """The global batch of step s from an action-labelled and an action-free dataset, mixed at an exact count.
+
+    Every batch holds exactly `video` action-free clips (round(ratio * batch)) and batch - video labelled ones, each
+    drawn by its own `StepBatches` (a seeded permutation per epoch of its dataset) and shuffled together by a draw of
+    (seed, step): the mix is the same in every batch, deterministic for a seed, and a resumed run continues it.
+    `indices(step)` -> [(is_action_free, index in its dataset)].
+    """
+
+    def __init__(self, labelled_size: int, video_size: int, batch: int, ratio: float, seed: int):
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"data.video_ratio must be in (0, 1), got {ratio}: a batch needs both kinds of clip")
+        self.video = int(round(ratio * batch))
+        self.labelled = batch - self.video
+        if self.video < 1 or self.labelled < 1:
+            raise ValueError(f"data.video_ratio {ratio} of a batch of {batch} leaves {self.video} action-free and "
+                             f"{self.labelled} labelled clips: each kind needs at least one")
+        self.batch, self.seed = batch, seed
+        self._labelled = StepBatches(labelled_size, self.labelled, seed)
+        self._video = StepBatches(video_size, self.video, seed + 7_777_777)
+
+    def indices(self, step: int) -> list[tuple[bool, int]]:
+        both = [(False, i) for i in self._labelled.indices(step)] + [(True, i) for i in self._video.indices(step)]
+        order = torch.randperm(self.batch, generator=step_generator(self.seed, step, 31)).tolist()
+        return [both[j] for j in order]
+
+
+def with_placeholders(item: dict, horizon: int, action_dim: int, state_dim: int) -> dict:
+    """An action-free clip in a labelled batch: zero actions and state that the loss never reads (`labelled` False,
+    every action step masked), so it adds to the video loss only."""
+    return {**item, "actions": torch.zeros(horizon, action_dim), "action_mask": torch.zeros(horizon, dtype=torch.bool),
+            "state": torch.zeros(state_dim), "labelled": torch.tensor(False)}
 
 
 class StepBatches:
