@@ -25,7 +25,8 @@ fixture = _load_fixture_module()
 
 
 def write_synthetic(root: Path, lengths=(12, 9, 7), cameras: dict[str, tuple[int, int]] | None = None,
-                    tasks=("push the puck to the goal", "open the drawer"), fps: int = 10, actions: bool = True) -> Path:
+                    tasks=("push the puck to the goal", "open the drawer"), fps: int = 10,
+                    actions: bool = True) -> Path:
     """A dataset with our writer, same content rules as the LeRobot fixture (episode e uses tasks[e % len]).
     actions=False: an action-free dataset (no action, no observation.state)."""
     from fastwam.data.lerobot_writer import LeRobotWriter

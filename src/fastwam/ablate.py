@@ -174,7 +174,8 @@ BASE = "base"  # the condition every run is evaluated in
 
 
 # Cell keys that are not ModelConfig fields: how a cell's models start and what data they learn from (see AblateArgs).
-STUDY_KEYS = {"init": ("scratch", "prior"), "init_action": ("interpolate", "random"), "demos": int, "video_ratio": float}
+STUDY_KEYS = {"init": ("scratch", "prior"), "init_action": ("interpolate", "random"), "demos": int,
+              "video_ratio": float}
 
 
 def model_overrides(overrides: dict[str, str]) -> dict[str, str]:

@@ -28,7 +28,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "metaworld"): ("fastwam.data.metaworld:cli",
                             "generate scripted Meta-World demos as a LeRobot v3.0 dataset"),
     ("train",): ("fastwam.train:cli", "train a policy (any preset / variant) on a LeRobot dataset"),
-    ("pretrain",): ("fastwam.train:pretrain_cli", "pretrain a video prior (the video expert alone) on action-free video"),
+    ("pretrain",): ("fastwam.train:pretrain_cli", "pretrain a video prior (the video expert alone) on video"),
     ("serve",): ("fastwam.serving.server:cli", "serve a checkpoint over the openpi websocket protocol"),
     ("eval", "metaworld"): ("fastwam.eval.metaworld:cli", "closed-loop Meta-World evaluation of a checkpoint"),
     ("eval", "libero"): ("fastwam.eval.libero:cli", "LIBERO evaluation client (talks to `fastwam serve`)"),
