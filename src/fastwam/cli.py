@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("fastwam.demo:cli", "the CPU Meta-World demo end to end: data -> train -> evaluate -> report"),
     ("data", "metaworld"): ("fastwam.data.metaworld:cli",
                             "generate scripted Meta-World demos as a LeRobot v3.0 dataset"),
+    ("data", "videos"): ("fastwam.data.videos:cli", "a folder of videos -> an action-free LeRobot v3.0 dataset"),
     ("train",): ("fastwam.train:cli", "train a policy (any preset / variant) on a LeRobot dataset"),
     ("pretrain",): ("fastwam.train:pretrain_cli", "pretrain a video prior (the video expert alone) on video"),
     ("serve",): ("fastwam.serving.server:cli", "serve a checkpoint over the openpi websocket protocol"),
