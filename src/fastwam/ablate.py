@@ -69,6 +69,13 @@ class AblateArgs(PresetArgs):
     axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
     eval_compile: bool = False  # evaluate checkpoints with compiled inference (eval metaworld --compile)
     pretrain_dataset: str = ""  # the video a prior is pretrained on (cells with init=prior); any LeRobot dataset
+    # With --corpus-episodes N > 0, a job makes --pretrain-dataset (when it does not exist yet) as an action-free
+    # Meta-World corpus: N episodes per task of --corpus-tasks, played by --corpus-policies, failures kept, env seeds
+    # of --corpus-seed (never the demonstrations' or the evaluation's).
+    corpus_episodes: int = 0
+    corpus_tasks: str = "mt50"
+    corpus_policies: str = "expert,noisy,perturbed"
+    corpus_seed: int = 1
     pretrain_steps: int = 0  # steps of each training seed's video prior (0: --train-steps)
     video_dataset: str = ""  # action-free clips for cells with video_ratio=R
     report_only: bool = False
@@ -301,6 +308,17 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
         jobs.append(Job(f"data_demos{n}", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes", str(n),
                                                   "--out", str(path), "--image-size", str(size)],
                         path / "meta" / "info.json"))
+    corpus_job = ()
+    if args.corpus_episodes > 0:
+        if not args.pretrain_dataset:
+            raise ValueError("--corpus-episodes makes the --pretrain-dataset: give its path")
+        corpus = Path(args.pretrain_dataset)
+        jobs.append(Job("corpus", _py() + [
+            "data", "metaworld", "--tasks", args.corpus_tasks, "--episodes", str(args.corpus_episodes), "--seed",
+            str(args.corpus_seed), "--no-actions", "--policies", args.corpus_policies, "--keep-failures",
+            "--max-steps", str(args.max_steps), "--image-size", str(size), "--out", str(corpus)],
+            corpus / "meta" / "info.json"))
+        corpus_job = ("corpus",)
     prior_cells = [c for c, o in cells.items() if o.get("init") == "prior"]
     if prior_cells and not args.pretrain_dataset:
         raise ValueError(f"cells {prior_cells} start from a video prior (init=prior): give --pretrain-dataset DIR")
@@ -342,8 +360,8 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                     "--dataset", args.pretrain_dataset, "--out", str(prior_dir), "--steps", str(pretrain_steps),
                     "--config.train.seed", str(seed), "--config.train.threads", "1", "--auto-resume",
                     "--no-progress"],
-                prior_dir / "checkpoints" / f"step_{pretrain_steps:07d}" / "model.safetensors", priority=1,
-                resumes_from=prior_dir / "checkpoints"))
+                prior_dir / "checkpoints" / f"step_{pretrain_steps:07d}" / "model.safetensors", after=corpus_job,
+                priority=1, resumes_from=prior_dir / "checkpoints"))
         order = sorted(((c, v) for c in cells for v in per_cell.get(c, _variants(args.variants))),
                        key=lambda cv: (cost.get(cv[1], 9), list(cells).index(cv[0])))
         for cell, variant in order:
@@ -364,6 +382,8 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                     study_flags += ["--init-action", spec["init_action"]]
             if "video_ratio" in spec:
                 study_flags += ["--video-dataset", args.video_dataset, "--video-ratio", spec["video_ratio"]]
+                if corpus_job and Path(args.video_dataset) == Path(args.pretrain_dataset):
+                    after.append("corpus")
             overrides = _config_overrides(cfg) + model_flags + study_flags + [
                 "--dataset", str(cell_data), "--out", str(run_dir), "--variant", variant, "--steps",
                 str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
@@ -392,8 +412,14 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     jobs += train_jobs + eval_jobs
     # Batch-1 latency of each inference mode for each cell's architecture, overrides included (random weights:
     # latency does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.
+    # One timing per architecture: cells that differ only in data or initialisation share their first cell's
+    # (the report looks a cell's latency up through its architecture).
+    architectures: dict[str, list[str]] = {}
     for cell in cells:
-        modes = {VARIANT_MODES[v] for v in per_cell.get(cell, _variants(args.variants))}
+        architectures.setdefault(json.dumps(model_overrides(cells[cell]), sort_keys=True), []).append(cell)
+    for same in architectures.values():
+        cell = same[0]
+        modes = {VARIANT_MODES[v] for c in same for v in per_cell.get(c, _variants(args.variants))}
         modes_arg = ",".join(sorted(modes, key=["fast", "joint", "idm"].index))
         config_file = out / (f"config_{cell}.json" if cell else "ablation.json")  # written by `cli` before any job
         target = out / (f"latency_{cell}.json" if cell else "latency.json")
@@ -630,7 +656,14 @@ def _same_study(path: Path, record: dict) -> bool:
     record = json.loads(json.dumps(record))  # tuples as the file has them: lists
     where = ("out", "report_only", "publish", "publish_videos")
     strip = lambda a: {k: v for k, v in a.items() if k not in where}  # noqa: E731
-    return strip(recorded["args"]) == strip(record["args"]) and recorded.get("config") == record["config"]
+    # A study recorded before an option or a config field existed had that option's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(AblateArgs) if f.default is not dataclasses.MISSING}
+    recorded_args = {**json.loads(json.dumps(defaults)), **recorded["args"]}
+    try:
+        recorded_config = json.loads(json.dumps(Config.from_dict(recorded.get("config")).to_dict()))
+    except (ValueError, TypeError):
+        return False
+    return strip(recorded_args) == strip(record["args"]) and recorded_config == record["config"]
 
 
 def cli(argv: list[str], prog: str = "fastwam ablate") -> int:

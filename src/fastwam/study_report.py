@@ -88,8 +88,15 @@ def _video_loss(run_dir: Path, last: int = 5) -> float | None:
 
 
 def _cell_params(out: Path, cell: str) -> dict:
-    for name in (f"latency_{cell}.json",):
-        p = out / name
+    """The cell's latency / parameter counts (`fastwam bench latency`), timed once per architecture: a cell that
+    differs from another only in its data or initialisation reads that cell's file."""
+    from fastwam.ablate import model_overrides
+
+    cells = json.loads((out / "cells.json").read_text()) if (out / "cells.json").is_file() else {}
+    same = [cell] + [c for c in cells if c != cell and cell in cells
+                     and model_overrides(cells[c]) == model_overrides(cells[cell])]
+    for c in same:
+        p = out / f"latency_{c}.json"
         if p.is_file():
             return json.loads(p.read_text())
     return {}
