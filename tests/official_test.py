@@ -268,6 +268,22 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     assert zipfile.is_zipfile(path)
 
 
+@pytest.mark.parametrize("content,says", [
+    (b"", "the file is empty"),
+    (b"step,loss\n1,0.5\n", "it is a text file"),
+    (b'{"action": {"mean": [0.0]}}', "it is JSON text"),
+    (len(b'{"a":1}').to_bytes(8, "little") + b'{"a":1}', "it is a safetensors file"),
+    (b"<!DOCTYPE html><html>", "HTML"),
+    (b"\x1f\x8b\x08\x00", "gzip"),
+])
+def test_a_file_that_is_not_a_torch_checkpoint_says_what_it_is(tmp_path, content, says):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(OfficialCheckpointError, match="not a PyTorch checkpoint") as info:
+        read_official_checkpoint(path)
+    assert says in str(info.value) and "Python objects" not in str(info.value)
+
+
 def test_shapes_come_from_tensors_heads_from_the_preset():
     tensors = read_official_checkpoint(FIXTURE / "checkpoint.pt").tensors
     preset = get_preset("libero_2cam224").model

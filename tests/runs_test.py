@@ -134,6 +134,33 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     assert left == ["latest", live.name, "step_0000012"]
 
 
+def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path):
+    cfg = _cfg()
+    model = FastWAM(cfg.model)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    root = tmp_path / "checkpoints"
+    for step in (4, 8):
+        ckpt_io.save_checkpoint(tmp_path, step, cfg, model, keep_last=2)
+    # What a kill during rotation leaves now: the old checkpoint already renamed out of the namespace, half deleted.
+    half = root / f".deleting-step_0000002-{int(dead.stdout)}"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["step_0000004", "step_0000008"]
+    ckpt_io.save_checkpoint(tmp_path, 12, cfg, model, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000008", "step_0000012"]
+
+
+def test_resume_before_the_first_checkpoint_cleans_the_unfinished_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tmp = tmp_path / "checkpoints" / f"step_0000004.tmp-{int(dead.stdout)}"
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    cfg = _cfg()
+    with pytest.raises(ckpt_io.CheckpointError, match="holds no checkpoint.*removed 1 unfinished"):
+        train(cfg, tmp_path, resume=True, dataset=_data(cfg), progress=False)
+    assert not tmp.exists()
+
+
 def test_a_checkpoint_reaches_the_disk_before_its_name_does(tmp_path, record_fsyncs):
     """Every file of the new checkpoint is fsynced while it still has its temporary name (a power cut cannot leave a
     published step directory with unwritten weights); the rename and the `latest` pointer are synced after."""

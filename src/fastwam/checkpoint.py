@@ -155,8 +155,19 @@ def save_checkpoint(
     if keep_last > 0:
         others = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and p != final)
         for old in others[: max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_checkpoint(old)
     return final
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Take a checkpoint out of the checkpoint namespace in one rename, then delete it: a process killed while
+    deleting leaves a `.deleting-*` directory (removed by the next save), never a `step_*` that is half gone."""
+    doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -165,7 +176,13 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     A live pid's temporary is a save in progress (another process writing into the same run) and is left alone.
     """
     removed = []
-    for p in sorted((Path(run_dir) / "checkpoints").glob("*.tmp-*")):
+    root = Path(run_dir) / "checkpoints"
+    for p in sorted(root.glob(".deleting-*")):  # a rotation killed mid-delete (see `_delete_checkpoint`)
+        pid = p.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in sorted(root.glob("*.tmp-*")):
         pid = p.name.rsplit(".tmp-", 1)[1]
         if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
             continue

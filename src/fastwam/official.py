@@ -152,8 +152,13 @@ def _safe_torch_load(path: Path) -> Any:
     def load(mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        what = _not_a_torch_file(path)
+        if what:
+            raise OfficialCheckpointError(f"{path}: not a PyTorch checkpoint: {what}")
     try:
-        return load(mmap=zipfile.is_zipfile(path))  # the legacy (pre-zip) format cannot be memory-mapped
+        return load(mmap=is_zip)  # the legacy (pre-zip) format cannot be memory-mapped
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OfficialCheckpointError(
@@ -163,6 +168,36 @@ def _safe_torch_load(path: Path) -> Any:
         raise OfficialCheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt download?): "
                                       f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") \
             from None
+
+
+def _not_a_torch_file(path: Path) -> str:
+    """What a file that is neither a zip archive (torch.save's format) nor a pickle (its legacy format) looks like,
+    or "" when it may be a legacy torch file. Without this, the weights-only unpickler reports any other file as
+    'Python objects it refuses to load', which sends the user looking for malware instead of the right file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return ""  # torch.load reports it
+    if not head:
+        return "the file is empty"
+    if head[:1] == b"\x80" or head[:2] == b"PK":  # a legacy pickle, or a zip cut short: torch.load says which
+        return ""
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "it is a safetensors file (give the official .pt checkpoint, or load safetensors directly)"
+    kinds = [(b"\x1f\x8b", "a gzip archive"), (b"\x89HDF", "an HDF5 file"),
+             (b"GGUF", "a GGUF model file"), (b"<", "an HTML / XML page (a failed download?)")]
+    for magic, name in kinds:
+        if head.startswith(magic):
+            return f"it is {name}"
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return "it is JSON text (the dataset statistics go to --stats, the checkpoint to --checkpoint)"
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "its first bytes match no known format (neither a zip archive nor a pickle)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

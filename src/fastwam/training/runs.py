@@ -43,13 +43,18 @@ def find_resume_checkpoint(run_dir: Path, resume: Resume) -> Path | None:
             raise UserError(f"{run_dir} already holds a run (checkpoints up to {existing[-1].name}); continue it with "
                             f"--resume, train into another --out, or delete {run_dir}")
         return None
+    # A run killed while writing its first checkpoint left only a temporary directory: removed here, whether or not
+    # the run then resumes (--resume still refuses a run with no checkpoint; --auto-resume starts it anew).
+    cleaned = ckpt_io.remove_stale_temporaries(run_dir) if (run_dir / "checkpoints").is_dir() else []
     try:
         return ckpt_io.resolve_checkpoint(run_dir)
     except ckpt_io.CheckpointError:
         if resume == "auto":
             return None
+        note = (f" (removed {len(cleaned)} unfinished checkpoint write(s) of a stopped process)" if cleaned else "")
         raise ckpt_io.CheckpointError(f"--resume: {run_dir} holds no checkpoint to continue from (none under "
-                                      f"{run_dir / 'checkpoints'}); drop --resume to start a new run there") from None
+                                      f"{run_dir / 'checkpoints'}){note}; drop --resume to start a new run there") \
+            from None
 
 
 def resume_codec(cfg: Config, saved: Config) -> Config:
