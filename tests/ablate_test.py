@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
-from fastwam import ablate
+from fastwam.study import ablate
+from fastwam.study import jobs as study_jobs
+from fastwam.study import plan as study_plan
 
 TASK = "reach-v3"
 
@@ -22,8 +24,8 @@ def _argv(out) -> list[str]:
 def test_plan_orders_jobs_and_passes_the_config_on(tmp_path):
     from fastwam.train import parse_with_preset
 
-    args = parse_with_preset(_argv(tmp_path) + ["--config.train.lr", "0.002"], ablate.AblateArgs, "test")
-    jobs, runs = ablate.plan(args)
+    args = parse_with_preset(_argv(tmp_path) + ["--config.train.lr", "0.002"], study_plan.AblateArgs, "test")
+    jobs, runs = study_plan.plan(args)
     names = [j.name for j in jobs]
     assert names[0] == "data" and set(runs) == {"fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"}
     # The costlier training first; every evaluation waits for its training, every training for the data.
@@ -44,9 +46,9 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path, capsys):
     first = capsys.readouterr().out
     assert "train_fast_s0: finished" in first and "eval_baseline_random: finished" in first
     assert "[ablate] 8/8 jobs done" in first  # the progress line after the last job
-    assert set(ablate.load_durations(out / "logs")) == {"data", "train_fast_s0", "train_no_cotrain_s0", "eval_fast_s0",
-                                                        "eval_no_cotrain_s0", "eval_baseline_zero",
-                                                        "eval_baseline_random", "latency"}
+    assert set(study_jobs.load_durations(out / "logs")) == {
+        "data", "train_fast_s0", "train_no_cotrain_s0", "eval_fast_s0", "eval_no_cotrain_s0", "eval_baseline_zero",
+        "eval_baseline_random", "latency"}
     for name in ("fast_s0", "no_cotrain_s0", "baseline_zero", "baseline_random"):
         results = json.loads((out / "eval" / name / "results.json").read_text())
         assert results["cells"][0]["task"] == TASK and results["cells"][0]["episodes"] == 1

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fastwam.config import CodecConfig, TextConfig
-from fastwam.model.codecs import DCTCodec, PixelCodec, build_codec, fit_codec_stats
-from fastwam.model.text import HashTextEncoder, build_text_encoder
+from fastwam.model.codecs import DCTCodec, PixelCodec, fit_codec_stats
+from fastwam.model.encoders import build_codec, build_text_encoder
+from fastwam.model.text import HashTextEncoder
 
 
 def test_pixel_codec_round_trip_and_shapes():

@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("metaworld")
 
-from fastwam.ablate import Job  # noqa: E402
 from fastwam.errors import INTERRUPTED_EXIT  # noqa: E402
 from fastwam.eval import metaworld as mwe  # noqa: E402
 from fastwam.eval.envpool import EnvSettings  # noqa: E402
+from fastwam.study.plan import Job  # noqa: E402
 
 TASK = "reach-v3"
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 import fastwam
 from fastwam.config import ModelConfig, get_preset
 from fastwam.data.normalize import Normalizer, NormStats
-from fastwam.lerobot_port import POST_STATS, LeRobotPolicyError, import_lerobot, lerobot_to_official
-from fastwam.official import OfficialCheckpointError, import_official
+from fastwam.formats.lerobot_policy import POST_STATS, LeRobotPolicyError, import_lerobot, lerobot_to_official
+from fastwam.formats.official import OfficialCheckpointError, import_official
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny"
 TOL = 1e-5

@@ -10,7 +10,7 @@ import torch
 from fastwam.bench import official_memory
 from fastwam.bench.memory import MemoryArgs, _shapes, run
 from fastwam.config import get_preset
-from fastwam.official import fastwam_to_official_key, official_to_fastwam_key, read_official_checkpoint
+from fastwam.formats.official import fastwam_to_official_key, official_to_fastwam_key, read_official_checkpoint
 
 
 def test_shapes_are_the_5b_model():

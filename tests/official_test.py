@@ -23,17 +23,17 @@ from safetensors.torch import load_file
 import fastwam
 from fastwam.config import ModelConfig, get_preset
 from fastwam.data.normalize import Normalizer
-from fastwam.model import flow
-from fastwam.model.codecs import PixelCodec
-from fastwam.model.fastwam import TrainingNoise
-from fastwam.model.visibility import get_variant
-from fastwam.official import (
+from fastwam.formats.official import (
     OfficialCheckpointError,
     import_official,
     infer_model_config,
     norm_stats_from_official,
     read_official_checkpoint,
 )
+from fastwam.model import flow
+from fastwam.model.codecs import PixelCodec
+from fastwam.model.fastwam import TrainingNoise
+from fastwam.model.visibility import get_variant
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny"
 TOL = 1e-5
@@ -146,7 +146,7 @@ def test_loss_weight_values():
 
 def test_official_normalizer_cases():
     """The official LinearNormalizer's outputs on the official stats file (min/max for LIBERO, z-score for
-    RoboTwin), reproduced to 1e-5 through `fastwam.official.norm_stats_from_official`."""
+    RoboTwin), reproduced to 1e-5 through `fastwam.formats.official.norm_stats_from_official`."""
     from safetensors.numpy import load_file as load_numpy
 
     stats = norm_stats_from_official(json.loads((FIXTURE / "dataset_stats.json").read_text()))

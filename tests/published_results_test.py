@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fastwam import ablate
-from fastwam.report import publish_report
+from fastwam.study import ablate
+from fastwam.study.report import publish_report
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 STUDIES = sorted(d for d in RESULTS.iterdir() if d.is_dir() and any(d.glob("eval/**/results.json")))

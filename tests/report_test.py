@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastwam.report import write_report
+from fastwam.study.report import write_report
 
 TASKS = ("reach-v3", "push-v3")
 

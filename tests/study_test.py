@@ -18,8 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from fastwam import ablate
 from fastwam.presets import parse_with_preset
+from fastwam.study import ablate
+from fastwam.study import jobs as study_jobs
+from fastwam.study import plan as study_plan
 
 TASK = "reach-v3"
 
@@ -33,8 +35,8 @@ def _argv(out) -> list[str]:
 
 
 def test_sweep_plan_layout():
-    args = parse_with_preset(_argv("/tmp/x"), ablate.AblateArgs, "test")
-    jobs, runs = ablate.plan(args)
+    args = parse_with_preset(_argv("/tmp/x"), study_plan.AblateArgs, "test")
+    jobs, runs = study_plan.plan(args)
     assert set(runs) == {"A/fast_s0", "B/fast_s0", "B/joint_s0"}
     names = {j.name for j in jobs}
     # Axes only for the axis cell; every run has its base evaluation.
@@ -51,8 +53,8 @@ def test_sweep_plan_layout():
     # Base evaluations, then trainings, then the axes of later seeds (the first seed's axes early, for a first look).
     assert by["eval_B_joint_s0"].priority == 0 and by["train_B_joint_s0"].priority == 1
     assert by["eval_B_joint_s0_replan1"].priority == 0
-    two = parse_with_preset(_argv("/tmp/x") + ["--seeds", "0,1", "--eval-compile"], ablate.AblateArgs, "test")
-    by2 = {j.name: j for j in ablate.plan(two)[0]}
+    two = parse_with_preset(_argv("/tmp/x") + ["--seeds", "0,1", "--eval-compile"], study_plan.AblateArgs, "test")
+    by2 = {j.name: j for j in study_plan.plan(two)[0]}
     assert by2["eval_B_joint_s1_replan1"].priority == 2 and by2["eval_B_joint_s1"].priority == 0
     assert "--compile" in by2["eval_B_joint_s1"].cmd and "--compile" not in by["eval_B_joint_s0"].cmd
     # What an evaluation asks for, as results.json records it; a condition's later --replan wins.
@@ -60,9 +62,9 @@ def test_sweep_plan_layout():
         "tasks": [TASK], "seeds": [0], "episodes_per_seed": 1, "replan": 1, "max_steps": 6, "modes": ["joint"]}
     assert ablate.eval_settings(by["eval_B_fast_s0_shift_colour"].cmd)["shift"] == "colour"
     with pytest.raises(ValueError, match="ModelConfig field"):
-        ablate.parse_cells("A:not_a_field=1")
+        study_plan.parse_cells("A:not_a_field=1")
     with pytest.raises(ValueError, match="axis"):
-        ablate.parse_axes("fog=1")
+        study_plan.parse_axes("fog=1")
 
 
 def test_sweep_runs_end_to_end_resumes_and_keeps_cell_names(tmp_path, capsys):
@@ -127,55 +129,55 @@ def test_restarted_driver_watches_a_running_job(tmp_path, capsys):
         time.sleep(0.01)
     (out / "logs").mkdir(parents=True)
     (out / "logs" / "j.pid").write_text(f"{proc.pid}\n")
-    job = ablate.Job("j", [sys.executable, "-c", "raise SystemExit(3)"], done)  # would fail if started again
+    job = study_plan.Job("j", [sys.executable, "-c", "raise SystemExit(3)"], done)  # would fail if started again
     t0 = time.time()
-    ablate.run_jobs([job], out, parallel=1)
+    study_jobs.run_jobs([job], out, parallel=1)
     proc.wait()
     text = capsys.readouterr().out
     assert "still running" in text and "j: finished" in text and "starting" not in text
     assert done.exists() and time.time() - t0 >= 1.0
     assert not (out / "logs" / "j.pid").exists()
-    assert ablate.load_durations(out / "logs") == {}  # its start is unknown: no duration recorded for it
+    assert study_jobs.load_durations(out / "logs") == {}  # its start is unknown: no duration recorded for it
 
 
 def test_a_resumed_job_records_no_duration(tmp_path, capsys):
     out, work = tmp_path / "o", tmp_path / "checkpoints"
     make = [sys.executable, "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x')"]
-    fresh = ablate.Job("fresh", make + [str(tmp_path / "a")], tmp_path / "a", resumes_from=tmp_path / "none")
+    fresh = study_plan.Job("fresh", make + [str(tmp_path / "a")], tmp_path / "a", resumes_from=tmp_path / "none")
     work.mkdir()  # earlier work to continue from
-    resumed = ablate.Job("resumed", make + [str(tmp_path / "b")], tmp_path / "b", resumes_from=work)
-    ablate.run_jobs([fresh, resumed], out, parallel=1)
+    resumed = study_plan.Job("resumed", make + [str(tmp_path / "b")], tmp_path / "b", resumes_from=work)
+    study_jobs.run_jobs([fresh, resumed], out, parallel=1)
     assert "resumed: finished" in capsys.readouterr().out
-    assert set(ablate.load_durations(out / "logs")) == {"fresh"}
+    assert set(study_jobs.load_durations(out / "logs")) == {"fresh"}
 
 
 def test_progress_estimates_pending_jobs_from_other_seeds(tmp_path):
     """A job's expected time is the median of the same job for the training seeds that finished it."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    assert ablate.load_durations(logs) == {}
+    assert study_jobs.load_durations(logs) == {}
     for name, minutes in [("train_M_idm_s0", 50.0), ("train_M_idm_s1", 70.0), ("train_M_idm_s3", 90.0),
                           ("eval_M_idm_s0_replan4", 9.0), ("eval_M_idm_s0", 5.0)]:
-        ablate.record_duration(logs, name, minutes)
-    durations = ablate.load_durations(logs)
+        study_jobs.record_duration(logs, name, minutes)
+    durations = study_jobs.load_durations(logs)
     assert durations["train_M_idm_s1"] == 70.0
     assert sorted(p.name for p in logs.iterdir()) == ["durations.json"]  # written whole, no temporary left
-    assert ablate.estimate_minutes("train_M_idm_s2", durations) == 70.0
+    assert study_jobs.estimate_minutes("train_M_idm_s2", durations) == 70.0
     # Same job, not a prefix: the replan4 axis is not the base evaluation, and M is not L.
-    assert ablate.estimate_minutes("eval_M_idm_s2", durations) == 5.0
-    assert ablate.estimate_minutes("eval_M_idm_s2_replan4", durations) == 9.0
-    assert ablate.estimate_minutes("train_L_idm_s2", durations) is None
+    assert study_jobs.estimate_minutes("eval_M_idm_s2", durations) == 5.0
+    assert study_jobs.estimate_minutes("eval_M_idm_s2_replan4", durations) == 9.0
+    assert study_jobs.estimate_minutes("train_L_idm_s2", durations) is None
     # 70 + 5 pending, 30 of the running job's 70 left; one job never timed is left out and said so.
-    line = ablate.progress_line(5, 9, ["train_M_idm_s2", "eval_M_idm_s2", "train_L_idm_s0"],
+    line = study_jobs.progress_line(5, 9, ["train_M_idm_s2", "eval_M_idm_s2", "train_L_idm_s0"],
                                 {"train_M_idm_s4": 40.0}, durations, parallel=2)
     assert line.startswith("[ablate] 5/9 jobs done, 1 running")
     assert "~1.8 h of job time left (~0.9 h wall at 2 in parallel)" in line and "1 job(s) not yet timed" in line
-    assert "left" not in ablate.progress_line(9, 9, [], {}, durations, parallel=2)
+    assert "left" not in study_jobs.progress_line(9, 9, [], {}, durations, parallel=2)
     # Nothing timed yet (a one-seed study): no estimate rather than a "~0.0 h left" that reads as "almost done".
-    first = ablate.progress_line(0, 2, ["train_L_idm_s0"], {"eval_L_idm_s0": 3.0}, durations, parallel=2)
+    first = study_jobs.progress_line(0, 2, ["train_L_idm_s0"], {"eval_L_idm_s0": 3.0}, durations, parallel=2)
     assert "no time estimate yet" in first and "h of job time left" not in first
     (logs / "durations.json").write_text("{not json")  # a damaged file costs the estimate, not the study
-    assert ablate.load_durations(logs) == {}
+    assert study_jobs.load_durations(logs) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def _results(rate_by_task: dict[str, float], seed: int, episodes: int = 30, rewa
 def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1, 2), multi_stage_rate=None) -> dict:
     """Three planned training seeds per model; results on disk for `evaluated_seeds` only; `multi_stage_rate` (if
     given) replaces every variant's success on the multi-stage task."""
-    from fastwam.study_report import MULTI_STAGE
+    from fastwam.study.sweep_report import MULTI_STAGE
 
     tasks = ["reach-v3", "drawer-open-v3", MULTI_STAGE[0]]
     rates = {"fast": 0.5, "no_cotrain": 0.2, "joint": 0.5, "idm": 0.5}
@@ -233,7 +235,7 @@ def _synthetic_study(tmp_path, conds=("base", "replan16"), evaluated_seeds=(0, 1
 
 
 def test_study_report_known_answer(tmp_path):
-    from fastwam.study_report import write_study_report
+    from fastwam.study.sweep_report import write_study_report
 
     runs = _synthetic_study(tmp_path)
     report = write_study_report(tmp_path, runs, None, ["base", "replan16"]).read_text()
@@ -253,7 +255,7 @@ def test_study_report_known_answer(tmp_path):
 
 
 def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
-    from fastwam.study_report import MULTI_STAGE, write_study_report
+    from fastwam.study.sweep_report import MULTI_STAGE, write_study_report
 
     runs = _synthetic_study(tmp_path, conds=("base", "delay4"), evaluated_seeds=(0,), multi_stage_rate=0.0)
     # joint's second seed is evaluated before fast's: comparisons keep to the seeds both arms have
@@ -285,7 +287,7 @@ def test_partial_study_report_says_so_and_marks_verdicts_provisional(tmp_path):
 
 
 def test_a_study_missing_only_later_seeds_axes_is_still_partial(tmp_path):
-    from fastwam.study_report import write_study_report
+    from fastwam.study.sweep_report import write_study_report
 
     runs = _synthetic_study(tmp_path, conds=("base", "replan16"))
     for seed in (1, 2):  # base complete; the replan16 evaluations of M/idm's seeds 1-2 not yet run
@@ -296,7 +298,7 @@ def test_a_study_missing_only_later_seeds_axes_is_still_partial(tmp_path):
 
 
 def test_publish_copies_what_the_report_links_and_drops_the_rest(tmp_path):
-    from fastwam.report import publish_report
+    from fastwam.study.report import publish_report
 
     out = tmp_path / "study"
     (out / "eval" / "M" / "joint_s0" / "videos").mkdir(parents=True)
@@ -337,7 +339,7 @@ def test_recorded_command_leaves_out_report_and_publish_options():
 
 
 def test_published_metrics_keep_the_curve_and_the_final_rows():
-    from fastwam.report import _thin_metrics
+    from fastwam.study.report import _thin_metrics
 
     rows = [json.dumps({"step": 10 * i, "action": 1.0 / (i + 1), "video": 0.5}) for i in range(1000)]
     thinned = _thin_metrics("\n".join(rows) + "\n").splitlines()
@@ -350,7 +352,7 @@ def test_published_metrics_keep_the_curve_and_the_final_rows():
 
 def test_report_only_keeps_the_recorded_command_of_the_same_study_only(tmp_path):
     """Re-rendering a copy of a published study keeps the study's own command; another study's options replace it."""
-    record = lambda argv: ablate.study_record(parse_with_preset(argv, ablate.AblateArgs, "t"), argv)  # noqa: E731
+    record = lambda argv: ablate.study_record(parse_with_preset(argv, study_plan.AblateArgs, "t"), argv)  # noqa: E731
     path = tmp_path / "ablation.json"
     path.write_text(json.dumps(record(_argv("runs/study"))))
     assert ablate._same_study(path, record(_argv(tmp_path / "copy") + ["--report-only", "--publish", "docs/x"]))
@@ -367,16 +369,16 @@ def test_a_timing_job_runs_on_an_idle_machine(tmp_path):
               "open(sys.argv[1], 'a').write(f'{sys.argv[2]} {t0} {time.time()}\\n'); pathlib.Path(sys.argv[3]).touch()")
 
     def job(name, **kw):
-        return ablate.Job(name, [sys.executable, "-c", script, str(log), name, str(tmp_path / name)], tmp_path / name,
-                          **kw)
+        return study_plan.Job(name, [sys.executable, "-c", script, str(log), name, str(tmp_path / name)],
+                              tmp_path / name, **kw)
 
     jobs = [job("a"), job("b"), job("latency", priority=-1, alone=True), job("c")]
-    ablate.run_jobs(jobs, tmp_path / "o", parallel=2)
+    study_jobs.run_jobs(jobs, tmp_path / "o", parallel=2)
     spans = {name: (float(t0), float(t1)) for name, t0, t1 in (line.split() for line in log.read_text().splitlines())}
     lat0, lat1 = spans.pop("latency")
     assert all(t1 <= lat0 or t0 >= lat1 for t0, t1 in spans.values())  # no other job overlaps it
     assert all(t0 >= lat1 for t0, _ in spans.values())  # priority -1: it ran first
     assert spans["b"][0] < spans["a"][1]  # the others still run side by side
     # The study's latency jobs are such jobs.
-    by = {j.name: j for j in ablate.plan(parse_with_preset(_argv(tmp_path), ablate.AblateArgs, "t"))[0]}
+    by = {j.name: j for j in study_plan.plan(parse_with_preset(_argv(tmp_path), study_plan.AblateArgs, "t"))[0]}
     assert by["latency_B"].alone and by["latency_B"].priority < 0 and not by["eval_B_fast_s0"].alone

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from fastwam.config import TextConfig  # noqa: E402
-from fastwam.model.text import build_text_encoder  # noqa: E402
+from fastwam.model.encoders import build_text_encoder  # noqa: E402
 from fastwam.model.umt5 import UMT5TextEncoder, clean_prompt  # noqa: E402
 
 WORDS = ("a video recorded from robot's point of view executing the following instruction: pick up black bowl and "

@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
 
 from fastwam.config import CodecConfig  # noqa: E402
-from fastwam.model.codecs import build_codec  # noqa: E402
+from fastwam.model.encoders import build_codec  # noqa: E402
 from fastwam.model.wan_vae import WanVAECodec  # noqa: E402
 
 MEAN = [0.05 * i - 1.0 for i in range(48)]

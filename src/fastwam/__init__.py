@@ -6,15 +6,30 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Public helpers resolved on first use, so `import fastwam` stays light (no torch import until needed).
+# The public API, resolved on first use so `import fastwam` stays light (no torch import until needed): loading a
+# checkpoint as a policy or a bare model, the configuration system, and Wan weights for the video expert.
 _LAZY = {
+    "FastWAMPolicy": "fastwam.policy",
+    "load_model": "fastwam.loading",
+    "Config": "fastwam.config",
+    "ModelConfig": "fastwam.config",
+    "CodecConfig": "fastwam.config",
+    "TextConfig": "fastwam.config",
+    "DataConfig": "fastwam.config",
+    "TrainConfig": "fastwam.config",
+    "InferenceConfig": "fastwam.config",
+    "get_preset": "fastwam.config",
+    "PRESETS": "fastwam.config",
     "load_video_expert": "fastwam.model.weights",
     "build_fastwam_from_wan": "fastwam.model.weights",
     "init_action_expert_from_video": "fastwam.model.weights",
-    "load_model": "fastwam.loading",
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def __getattr__(name: str) -> Any:

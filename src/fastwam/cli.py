@@ -24,25 +24,25 @@ from fastwam.errors import DEBUG_ENV, INTERRUPTED_EXIT, USER_ERROR_EXIT, debug_e
 
 # (command words) -> ("module:function", one-line help). The function takes the remaining argv.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("fastwam.demo:cli", "the CPU Meta-World demo end to end: data -> train -> evaluate -> report"),
+    ("demo",): ("fastwam.study.demo:cli", "the CPU Meta-World demo end to end: data -> train -> evaluate -> report"),
     ("data", "metaworld"): ("fastwam.data.metaworld:cli",
                             "generate scripted Meta-World demos as a LeRobot v3.0 dataset"),
     ("data", "videos"): ("fastwam.data.videos:cli", "a folder of videos -> an action-free LeRobot v3.0 dataset"),
     ("train",): ("fastwam.train:cli", "train a policy (any preset / variant) on a LeRobot dataset"),
     ("pretrain",): ("fastwam.train:pretrain_cli", "pretrain a video prior (the video expert alone) on video"),
-    ("serve",): ("fastwam.serving.server:cli", "serve a checkpoint over the openpi websocket protocol"),
+    ("serve",): ("fastwam.serving.serve_cli:main", "serve a checkpoint over the openpi websocket protocol"),
     ("eval", "metaworld"): ("fastwam.eval.metaworld:cli", "closed-loop Meta-World evaluation of a checkpoint"),
     ("eval", "libero"): ("fastwam.eval.libero:cli", "LIBERO evaluation client (talks to `fastwam serve`)"),
-    ("ablate",): ("fastwam.ablate:cli", "the four-variant ablation: data, train x4, eval, report"),
+    ("ablate",): ("fastwam.study.ablate:cli", "the four-variant ablation: data, train x4, eval, report"),
     ("bench", "latency"): ("fastwam.bench.latency:cli", "observation -> action latency per inference mode (JSON)"),
     ("bench", "data"): ("fastwam.bench.data:cli", "training data loader throughput (JSON)"),
     ("bench", "train"): ("fastwam.bench.train:cli", "training step rate and overhead share (JSON)"),
     ("bench", "serve"): ("fastwam.bench.serve:cli", "websocket server latency / throughput under N clients (JSON)"),
     ("bench", "memory"): ("fastwam.bench.memory:cli", "peak host RAM while loading a checkpoint (JSON)"),
     ("viz", "masks"): ("fastwam.viz:masks_cli", "draw each variant's attention mask"),
-    ("import", "official"): ("fastwam.official:cli",
+    ("import", "official"): ("fastwam.formats.official:cli",
                              "an official Fast-WAM checkpoint (.pt) + dataset stats -> a fastwam run"),
-    ("import", "lerobot"): ("fastwam.lerobot_port:cli",
+    ("import", "lerobot"): ("fastwam.formats.lerobot_policy:cli",
                             "a Fast-WAM policy in LeRobot's format (local directory) -> a fastwam run"),
 }
 

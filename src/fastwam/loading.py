@@ -27,8 +27,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     dtype: None keeps the stored dtype (e.g. bf16 for imported official checkpoints); device: None = CPU. The module
     is built on the meta device and the stored tensors become its parameters, so nothing is allocated twice.
     """
-    from fastwam.policy import resolve_dtype
-
     ckpt = ckpt_io.resolve_checkpoint(path)
     cfg = ckpt_io.load_config(ckpt)
     weights = ckpt / ckpt_io.EMA if use_ema and (ckpt / ckpt_io.EMA).is_file() else ckpt / ckpt_io.WEIGHTS
@@ -37,3 +35,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if dtype is not None:
         model = model.to(dtype=resolve_dtype(dtype, device))
     return model.to(device).eval()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA (the paper's inference precision), fp32 on CPU (bf16 is ~20x slower on this CPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return names[dtype]

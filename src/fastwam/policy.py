@@ -28,10 +28,10 @@ from fastwam import validate
 from fastwam.config import Config
 from fastwam.data.normalize import Normalizer, NormStats
 from fastwam.data.transforms import camera_sizes, compose_cameras
+from fastwam.loading import model_from_weights, resolve_dtype
 from fastwam.lru import LRUCache
-from fastwam.model.codecs import build_codec
+from fastwam.model.encoders import build_codec, build_text_encoder
 from fastwam.model.fastwam import FastWAM
-from fastwam.model.text import build_text_encoder
 from fastwam.model.visibility import MODE_RULES, get_variant
 from fastwam.serving.protocol import as_text
 
@@ -75,19 +75,6 @@ def camera_obs_key(dataset_key: str) -> str:
     prefix = "observation.images."
     name = dataset_key[len(prefix):] if dataset_key.startswith(prefix) else dataset_key
     return f"observation/{name}"
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on CUDA (the paper's inference precision), fp32 on CPU (bf16 is ~20x slower on this CPU)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
-    return names[dtype]
 
 
 class FastWAMPolicy:
@@ -152,7 +139,6 @@ class FastWAMPolicy:
         `CheckpointError` with one line naming the file and field, instead of failing every request later.
         `limits` (max_image_side, max_prompt_chars, text_cache_entries, text_cache_mb) go to the constructor.
         """
-        from fastwam.loading import model_from_weights
 
         checked = validate.load_checked(path, use_ema=use_ema)
         model = model_from_weights(checked.config.model, checked.weights)

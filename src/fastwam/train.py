@@ -27,9 +27,9 @@ from fastwam import checkpoint as ckpt_io
 from fastwam.config import Config
 from fastwam.errors import UserError
 from fastwam.files import write_text_atomic
-from fastwam.model.codecs import LatentCodec, build_codec
+from fastwam.model.codecs import LatentCodec
+from fastwam.model.encoders import build_codec, build_text_encoder
 from fastwam.model.fastwam import FastWAM, TrainingNoise
-from fastwam.model.text import build_text_encoder
 from fastwam.model.visibility import get_variant
 from fastwam.presets import PresetArgs, parse_with_preset
 from fastwam.training import monitor, runs

@@ -22,7 +22,7 @@ import torch
 import tyro
 
 from fastwam.config import Config, get_preset
-from fastwam.model.codecs import build_codec
+from fastwam.model.encoders import build_codec
 from fastwam.model.fastwam import FastWAM
 from fastwam.policy import resolve_dtype
 from fastwam.presets import PresetName

@@ -14,8 +14,6 @@ records its resident set, loads the checkpoint with `fastwam.load_video_expert`,
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,8 +24,7 @@ from pathlib import Path
 
 import tyro
 
-TARGET_RATIO = 1.2
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from fastwam.bench.rss import _DTYPES, _peak_rss_bytes, _rss_bytes, peak_report
 
 
 @dataclass
@@ -114,24 +111,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
-
-
-def _rss_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    # VmHWM: the high-water mark of this process image's resident set (file pages included). Not ru_maxrss: Linux
-    # carries the parent's peak across fork + exec into it, so it would report the checkpoint writer's peak.
-    return _status_bytes("VmHWM")
-
-
 def _child(path: str, dtype: str) -> None:
     """Runs in a fresh interpreter: load the checkpoint, print one JSON line."""
     import torch
@@ -153,18 +132,6 @@ def _child(path: str, dtype: str) -> None:
 def _checkpoint_bytes(path: Path) -> int:
     directory = path / "transformer" if (path / "transformer" / "config.json").exists() else path
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-
-
-def _machine() -> dict:
-    import torch
-
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ram_bytes": mem,
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 def run(args: MemoryArgs) -> dict:
@@ -204,19 +171,6 @@ def run(args: MemoryArgs) -> dict:
         **{k: v for k, v in written.items()},
         **child,
         **peak_report(peak, ckpt_bytes, child["rss_before_load_bytes"]),
-    }
-
-
-def peak_report(peak: int, ckpt_bytes: int, rss_before: int, target: float = TARGET_RATIO) -> dict:
-    """The ratios every memory report carries, with the machine that measured them."""
-    return {
-        "peak_rss_gb": peak / 1e9,
-        "ratio_peak_to_checkpoint": peak / ckpt_bytes,
-        # What the loader itself adds on top of the interpreter + torch import.
-        "ratio_loader_to_checkpoint": (peak - rss_before) / ckpt_bytes,
-        "target_ratio": target,
-        "pass": peak / ckpt_bytes <= target,
-        "machine": _machine(),
     }
 
 

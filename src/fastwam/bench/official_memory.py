@@ -4,8 +4,9 @@ Writes a synthetic checkpoint in the official Fast-WAM layout (`torch.save` of `
 mixtures.action.* in the original Wan names, "proprio_encoder": {weight, bias}, "step", "torch_dtype"}`) with the exact
 tensor shapes of the `libero_2cam224` preset — the released 5B model: video expert = Wan2.2-TI2V-5B, action expert
 1024 wide, 30 layers each, 6.02B parameters, ~12.0 GB in bf16 — or fewer layers with `--size-gb`. A fresh
-subprocess then runs the import (`fastwam.official.cli`, exactly what `fastwam import official` runs) and reports its
-peak resident set (`VmHWM`: mapped file pages count as well as copies). Target: peak <= 1.3 x checkpoint size.
+subprocess then runs the import (`fastwam.formats.official.cli`, exactly what `fastwam import official` runs) and
+reports its peak resident set (`VmHWM`: mapped file pages count as well as copies). Target: peak <= 1.3 x checkpoint
+size.
 
 The writer never holds the checkpoint in memory: every tensor is a private, lazily read mapping of one sparse file
 of zeros as long as the largest tensor (`torch.from_file`), so the pages `torch.save` streams out are the same few
@@ -28,7 +29,7 @@ import torch
 
 from fastwam.config import ModelConfig, get_preset
 from fastwam.errors import UserError
-from fastwam.official import fastwam_to_official_key
+from fastwam.formats.official import fastwam_to_official_key
 
 TARGET_RATIO = 1.3
 PRESET = "libero_2cam224"  # the preset whose model is the released 5B checkpoint's
@@ -106,8 +107,8 @@ def write_official_checkpoint(path: Path, model: ModelConfig, dtype: torch.dtype
 def _child(checkpoint: str, out: str, num_heads: int) -> None:
     """Runs in a fresh interpreter: import the checkpoint as the CLI does, print one JSON line last."""
     from fastwam import checkpoint as _checkpoint  # noqa: F401 - imported before the baseline, as the import needs them
-    from fastwam import official
-    from fastwam.bench.memory import _peak_rss_bytes, _rss_bytes
+    from fastwam.bench.rss import _peak_rss_bytes, _rss_bytes
+    from fastwam.formats import official
     from fastwam.model import fastwam as _fastwam  # noqa: F401
 
     baseline = _peak_rss_bytes()
@@ -133,7 +134,7 @@ def _need_disk(directory: Path, need: int, what: str) -> None:
 def run_official(args, model: ModelConfig | None = None) -> dict:
     """`fastwam bench memory --official` (args: bench.memory.MemoryArgs). `model`: shapes to synthesise instead of
     the 5B preset's (tests use a tiny one); `--size-gb` then changes only its number of layers."""
-    from fastwam.bench.memory import _DTYPES, peak_report
+    from fastwam.bench.rss import _DTYPES, peak_report
 
     if args.dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")

@@ -122,15 +122,3 @@ def fit_codec_stats(cfg: CodecConfig, videos: torch.Tensor) -> CodecConfig:
     std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)  # a constant channel (e.g. a blank border) must not divide by 0
     return dataclasses.replace(cfg, latents_mean=tuple(round(float(x), 6) for x in mean),
                                latents_std=tuple(round(float(x), 6) for x in std))
-
-
-def build_codec(cfg: CodecConfig) -> LatentCodec:
-    if cfg.kind == "pixel":
-        return PixelCodec(cfg.space_factor)
-    if cfg.kind == "dct":
-        return DCTCodec(cfg.space_factor, cfg.dct_diagonals, cfg.latents_mean, cfg.latents_std)
-    if cfg.kind == "wan_vae":
-        from fastwam.model.wan_vae import WanVAECodec
-
-        return WanVAECodec.from_pretrained(cfg.path)
-    raise ValueError(f"unknown codec kind {cfg.kind!r}")

@@ -16,8 +16,6 @@ import zlib
 import torch
 from torch import nn
 
-from fastwam.config import TextConfig
-
 
 class TextEncoder(nn.Module):
     max_len: int
@@ -66,13 +64,3 @@ class HashTextEncoder(TextEncoder):
         if ids:
             out[: len(ids)] = self.table[torch.tensor(ids)] + self.positions[: len(ids)]
         return out
-
-
-def build_text_encoder(cfg: TextConfig, text_dim: int) -> TextEncoder:
-    if cfg.kind == "hash":
-        return HashTextEncoder(text_dim, cfg.max_len, cfg.vocab_size, cfg.seed)
-    if cfg.kind == "umt5":
-        from fastwam.model.umt5 import UMT5TextEncoder
-
-        return UMT5TextEncoder.from_pretrained(cfg.path, max_len=cfg.max_len, template=cfg.template)
-    raise ValueError(f"unknown text encoder kind {cfg.kind!r}")

@@ -43,7 +43,7 @@ from fastwam.serving.protocol import (
     parse_request,
 )
 
-__all__ = ["PolicyServer", "ServeArgs", "cli", "policy_thread"]
+__all__ = ["PolicyServer", "ServeArgs", "policy_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -418,10 +418,3 @@ class ServeArgs:
     fake: bool = False
     """serve `fastwam.serving.testing.ZeroPolicy` (all-zero actions) instead of a checkpoint: wire testing"""
     log_level: str = "INFO"
-
-
-def cli(argv: list[str], prog: str = "fastwam serve") -> int:
-    """`fastwam serve` (`serve_cli.main`: bind, load and check, serve; this name is what `fastwam.cli` calls)."""
-    from fastwam.serving.serve_cli import main
-
-    return main(argv, prog=prog)

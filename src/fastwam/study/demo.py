@@ -28,7 +28,7 @@ class DemoArgs:
 
 def cli(argv: list[str], prog: str = "fastwam demo") -> int:
     args = tyro.cli(DemoArgs, args=argv, prog=prog)
-    from fastwam import ablate
+    from fastwam.study import ablate
 
     return ablate.cli([
         "--preset", "small_cpu", "--out", args.out, "--tasks", args.tasks,

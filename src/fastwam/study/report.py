@@ -52,8 +52,8 @@ def _rate(cells: dict[str, list[int]]) -> tuple[int, int]:
 def write_report(out: Path, runs: dict, args: Any) -> Path:
     out = Path(out)
     if any(info.get("cell") for info in runs.values()):  # a sweep over model cells and evaluation axes
-        from fastwam.ablate import conditions
-        from fastwam.study_report import write_study_report
+        from fastwam.study.plan import conditions
+        from fastwam.study.sweep_report import write_study_report
 
         return write_study_report(out, runs, args, list(conditions(args)))
     results = _load_results(runs)

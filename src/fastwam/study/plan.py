@@ -1,31 +1,19 @@
-"""`fastwam ablate`: the four-variant study on Meta-World, end to end and resumable.
+"""What a study is: its options (`AblateArgs`), its cells and evaluation axes, and the jobs that carry it out.
 
-demos (scripted experts, LeRobot v3.0) -> train each variant x seed on the same data and budget -> evaluate each in
-its own inference mode (fast for fast/no_cotrain, joint for joint, idm for idm) on held-out environment seeds ->
-baselines (zero / random actions) -> report.md with Wilson CIs, latency, a bar chart, training curves and samples.
-
-Every stage is a `fastwam` subprocess with its own log under OUT/logs/, skipped when its output already exists, so an
-interrupted study continues where it stopped (run the same command again). Trainings resume from their latest
-checkpoint. On a 2-core machine two single-threaded jobs side by side use the cores better than one two-threaded job
-(docs/reference.md, "Learnability"), hence `--parallel 2` with one torch thread per job.
+`plan(args)` turns the options into `Job`s (each a `fastwam` command, the file whose existence means it is done, and
+the jobs it waits for) and the run table the reports read. Executors (`study/jobs.py` on this machine, `study/ray.py`
+on a Ray cluster) run the jobs; `study/ablate.py` is the command that ties them together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
-import shlex
-import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastwam.config import Config
-from fastwam.files import write_text_atomic
 from fastwam.presets import PresetArgs
 
 VARIANT_MODES = {"fast": "fast", "joint": "joint", "idm": "idm", "no_cotrain": "fast"}
@@ -123,50 +111,6 @@ def _tasks(spec: str) -> list[str]:
     return parse_tasks(spec)
 
 
-# `fastwam eval metaworld` options that an evaluation's results.json records (under config), by the name it records
-# them under: what a finished evaluation must match to count as this study's.
-EVAL_SETTINGS = {"--tasks": ("tasks", _tasks), "--seeds": ("seeds", _int_list),
-                 "--episodes": ("episodes_per_seed", int), "--replan": ("replan", int),
-                 "--max-steps": ("max_steps", int), "--shift": ("shift", str), "--obs-delay": ("obs_delay", int),
-                 "--mode": ("modes", lambda v: v.split(","))}
-
-
-def eval_settings(cmd: list[str]) -> dict:
-    """What an evaluation job's command asks for, keyed as results.json's config records it (a later option wins, as
-    on the command line: a condition's --replan after the base one)."""
-    settings = {}
-    for option, value in zip(cmd, cmd[1:]):
-        if option in EVAL_SETTINGS:
-            key, parse = EVAL_SETTINGS[option]
-            settings[key] = parse(value)
-    return settings
-
-
-def check_evaluations(jobs: list[Job], out: Path) -> None:
-    """Refuse a study whose finished evaluations were made with other settings than its command asks for (another
-    --eval-episodes, --eval-seeds, --tasks, --replan, --max-steps): a job counts as done when its results.json exists,
-    so they would be skipped and reported as if they answered this command. Nothing is deleted or redone."""
-    stale = []
-    for job in jobs:
-        if job.done.name != "results.json" or not job.is_done():
-            continue
-        try:
-            recorded = json.loads(job.done.read_text()).get("config", {})
-        except (OSError, ValueError, AttributeError):
-            continue  # unreadable: is_done() said it is whole; the report will say if it cannot use it
-        wanted = eval_settings(job.cmd)
-        diff = {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and recorded[k] != v}
-        if diff:
-            stale.append((job, diff))
-    if stale:
-        job, diff = stale[0]
-        what = "; ".join(f"{k} {was!r} (this command: {now!r})" for k, (was, now) in diff.items())
-        more = f" ({len(stale) - 1} more evaluations differ likewise)" if len(stale) > 1 else ""
-        raise ValueError(f"{job.name}: {job.done} was evaluated with {what}{more}. A finished evaluation is not "
-                         f"redone: run the study's own command (in {out / 'ablation.json'}), or move those "
-                         "evaluations' folders away to evaluate them again")
-
-
 def _py() -> list[str]:
     return [sys.executable, "-m", "fastwam"]
 
@@ -262,19 +206,6 @@ def _variants(spec: str) -> list[str]:
         if v not in VARIANT_MODES:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANT_MODES)}")
     return variants
-
-
-def _check_cells(out: Path, cells: dict[str, dict[str, str]]) -> None:
-    """A cell name keeps its meaning for the life of OUT: runs trained under it must not change architecture."""
-    path = out / "cells.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    for name, overrides in cells.items():
-        if name in known and known[name] != overrides:
-            raise ValueError(f"cell {name!r} was defined as {known[name]} in {path}; now {overrides}. Use a new "
-                             "cell name for a new architecture")
-    known.update(cells)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
 
 
 def cell_config(cfg: Config, overrides: dict[str, str]) -> Config:
@@ -458,241 +389,3 @@ def _config_overrides(cfg: Config) -> list[str]:
                 else:
                     args += [flag, str(value)]
     return args
-
-
-class _Adopted:
-    """A job a previous driver started that is still running (its pid file names a live fastwam process): watched
-    instead of started twice, so the study's driver can be stopped and restarted at any time."""
-
-    def __init__(self, pid: int):
-        self.pid, self.returncode = pid, None
-
-    def poll(self) -> int | None:
-        if _alive_fastwam(self.pid):
-            return None
-        self.returncode = 0  # unknown: the job counts as done if its output exists
-        return self.returncode
-
-
-def _alive_fastwam(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return b"fastwam" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
-
-
-def _adopt(pid_file: Path) -> _Adopted | None:
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return _Adopted(pid) if _alive_fastwam(pid) else None
-
-
-def _seedless(name: str) -> str:
-    """"eval_M_idm_s2_replan4" -> "eval_M_idm_s*_replan4": the same job for another training seed."""
-    return re.sub(r"_s\d+(?=_|$)", "_s*", name)
-
-
-def load_durations(logs: Path) -> dict[str, float]:
-    """Minutes each finished job took (OUT/logs/durations.json); {} when there is none or it is unreadable."""
-    try:
-        data = json.loads((logs / "durations.json").read_text())
-        return {str(k): float(v) for k, v in data.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
-
-
-def record_duration(logs: Path, name: str, minutes: float) -> None:
-    durations = load_durations(logs)
-    durations[name] = round(minutes, 2)
-    write_text_atomic(logs / "durations.json", json.dumps(durations, indent=1, sort_keys=True) + "\n")
-
-
-def estimate_minutes(name: str, durations: dict[str, float]) -> float | None:
-    """The median time of the same job for the training seeds that ran it start to finish; None when none has."""
-    same = [m for n, m in durations.items() if _seedless(n) == _seedless(name)]
-    return statistics.median(same) if same else None
-
-
-def progress_line(n_done: int, n_total: int, pending: list[str], running: dict[str, float],
-                  durations: dict[str, float], parallel: int) -> str:
-    """"[ablate] 150/230 jobs done; ~5.9 h of job time left (~3.0 h wall at 2 in parallel) ...": the estimate
-    counts the pending jobs and the running ones' remainders (running maps a name to minutes elapsed)."""
-    left, unknown = 0.0, 0
-    for name, elapsed in [*((n, 0.0) for n in pending), *running.items()]:  # a pending job has 0 minutes elapsed
-        est = estimate_minutes(name, durations)
-        if est is None:
-            unknown += 1
-        else:
-            left += max(est - elapsed, 0.0)
-    line = f"[ablate] {n_done}/{n_total} jobs done, {len(running)} running"
-    n_left = len(pending) + len(running)
-    if n_left and unknown == n_left:
-        # Nothing to estimate from (the first training seed, or a one-seed study such as the demo): "~0.0 h left"
-        # would read as "almost done".
-        line += "; no time estimate yet (no remaining job has been timed for another training seed)"
-    elif n_left:
-        line += (f"; ~{left / 60:.1f} h of job time left (~{left / 60 / max(parallel, 1):.1f} h wall at {parallel} "
-                 f"in parallel), from the times other training seeds took")
-        if unknown:
-            line += f"; {unknown} job(s) not yet timed for any seed, not counted"
-    return line
-
-
-def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
-    """Run pending jobs respecting dependencies, `parallel` at a time; logs in OUT/logs/NAME.log.
-
-    Each running job's pid is in OUT/logs/NAME.pid: a driver started while an earlier one's jobs still run (after a
-    crash, or stopped to change the plan) watches those jobs instead of starting them again.
-    """
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    pending = [j for j in jobs if not j.is_done()]
-    done = {j.name for j in jobs} - {j.name for j in pending}
-    for j in jobs:
-        if j.name in done:
-            print(f"[ablate] {j.name}: done already, skipping")
-    running: dict[str, tuple[subprocess.Popen | _Adopted, float]] = {}
-    resumed: set[str] = set()  # jobs that continue earlier work: their time is not the job's duration
-    for j in list(pending):
-        adopted = _adopt(logs / f"{j.name}.pid")
-        if adopted is not None:
-            pending.remove(j)
-            running[j.name] = (adopted, time.time())
-            resumed.add(j.name)  # its start time is unknown
-            print(f"[ablate] {j.name}: still running (pid {adopted.pid}) from an earlier driver; watching it")
-    failed: list[str] = []
-    by_name = {j.name: j for j in jobs}
-
-    def report_progress() -> None:
-        now = time.time()
-        print(progress_line(len(done), len(jobs), [j.name for j in pending],
-                            {n: (now - t0) / 60 for n, (_, t0) in running.items()}, load_durations(logs), parallel),
-              flush=True)
-
-    report_progress()
-    # One thread per job, compilation included (inductor would start a compile worker per core).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    while pending or running:
-        finished = False
-        for name, (proc, t0) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                (logs / f"{name}.pid").unlink(missing_ok=True)
-                job = by_name[name]
-                if proc.returncode == 0 and job.is_done():
-                    done.add(name)
-                    minutes = (time.time() - t0) / 60
-                    print(f"[ablate] {name}: finished in {minutes:.1f} min")
-                    if name not in resumed:
-                        record_duration(logs, name, minutes)
-                    finished = True
-                else:
-                    failed.append(name)
-                    print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
-        ready = sorted((j for j in pending if all(a in done for a in j.after)), key=lambda j: j.priority)
-        blocked = [j for j in pending if any(a in failed for a in j.after)]
-        for j in blocked:
-            pending.remove(j)
-            failed.append(j.name)
-            print(f"[ablate] {j.name}: skipped (a job it needs failed)")
-        while ready and len(running) < parallel:
-            if running and (ready[0].alone or any(by_name[n].alone for n in running)):
-                break  # a timing job waits for an idle machine, and keeps it idle while it runs
-            job = ready.pop(0)
-            pending.remove(job)
-            if job.resumes_from is not None and job.resumes_from.exists():
-                resumed.add(job.name)
-            print(f"[ablate] {job.name}: starting")
-            log = open(logs / f"{job.name}.log", "a")
-            log.write(f"$ {' '.join(job.cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            (logs / f"{job.name}.pid").write_text(f"{proc.pid}\n")
-            running[job.name] = (proc, time.time())
-        if finished:  # after the next jobs started, so "running" counts them
-            report_progress()
-        time.sleep(1.0)
-    if failed:
-        raise RuntimeError(f"ablation jobs failed: {', '.join(failed)} (logs in {logs}); rerun to retry them")
-
-
-def _study_argv(argv: list[str]) -> list[str]:
-    """The study's own options: without those that only re-render or publish the report of the same study."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--report-only", "--no-report-only") or a.startswith(("--publish=", "--publish-videos=")):
-            continue
-        if a in ("--publish", "--publish-videos"):
-            skip = True
-            continue
-        out.append(a)
-    return out
-
-
-def study_record(args: AblateArgs, argv: list[str]) -> dict:
-    """OUT/ablation.json: the study's command (without --report-only and --publish, which only re-render or copy the
-    report of the same study), its options and its config."""
-    return {"command": shlex.join(["fastwam", "ablate", *_study_argv(argv)]),
-            "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
-            "config": args.config.to_dict()}
-
-
-def _same_study(path: Path, record: dict) -> bool:
-    """Whether the study recorded at `path` is the one `record` describes, up to where it is kept (--out) and the
-    report-only options. A report re-rendered from a copy of a published study then keeps the study's own command."""
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
-        return False
-    record = json.loads(json.dumps(record))  # tuples as the file has them: lists
-    where = ("out", "report_only", "publish", "publish_videos")
-    strip = lambda a: {k: v for k, v in a.items() if k not in where}  # noqa: E731
-    # A study recorded before an option or a config field existed had that option's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(AblateArgs) if f.default is not dataclasses.MISSING}
-    recorded_args = {**json.loads(json.dumps(defaults)), **recorded["args"]}
-    try:
-        recorded_config = json.loads(json.dumps(Config.from_dict(recorded.get("config")).to_dict()))
-    except (ValueError, TypeError):
-        return False
-    return strip(recorded_args) == strip(record["args"]) and recorded_config == record["config"]
-
-
-def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
-    from fastwam.train import parse_with_preset
-
-    args = parse_with_preset(argv, AblateArgs, prog)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs, runs = plan(args)
-    cells = parse_cells(args.cells)
-    _check_cells(out, cells)
-    for cell, overrides in cells.items():  # each cell's full config, for its latency job and the report
-        write_text_atomic(out / f"config_{cell}.json", cell_config(args.config, overrides).to_json() + "\n")
-    check_evaluations(jobs, out)  # before ablation.json records this command as the study's
-    record = study_record(args, argv)
-    if not (args.report_only and _same_study(out / "ablation.json", record)):
-        write_text_atomic(out / "ablation.json", json.dumps(record, indent=2))
-    t0 = time.time()
-    if not args.report_only:
-        run_jobs(jobs, out, args.parallel)
-    from fastwam.report import write_report
-
-    report = write_report(out, runs, args)
-    if args.publish:
-        from fastwam.report import publish_report
-
-        print(f"[ablate] published: {publish_report(out, Path(args.publish), args.publish_videos)}")
-    print(f"[ablate] done in {(time.time() - t0) / 60:.1f} min; report: {report}")
-    videos = sorted(out.glob("eval/*/videos/*.mp4"))
-    if videos:
-        print(f"[ablate] {len(videos)} rollout videos under {out / 'eval'}/*/videos/, e.g. {videos[0]}")
-    return 0

@@ -90,7 +90,7 @@ def _video_loss(run_dir: Path, last: int = 5) -> float | None:
 def _cell_params(out: Path, cell: str) -> dict:
     """The cell's latency / parameter counts (`fastwam bench latency`), timed once per architecture: a cell that
     differs from another only in its data or initialisation reads that cell's file."""
-    from fastwam.ablate import model_overrides
+    from fastwam.study.plan import model_overrides
 
     cells = json.loads((out / "cells.json").read_text()) if (out / "cells.json").is_file() else {}
     same = [cell] + [c for c in cells if c != cell and cell in cells

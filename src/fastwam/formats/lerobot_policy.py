@@ -5,11 +5,11 @@ A LeRobot policy directory (docs/lerobot_port.md; local only, downloaded beforeh
 statistics, flat `<feature>.<stat>` keys, in `policy_preprocessor_step_<i>_normalizer_processor.safetensors` (state)
 and `policy_postprocessor_step_0_unnormalizer_processor.safetensors` (action). `model.safetensors` is memory-mapped
 from its header (never unpickled); `LEROBOT_KEY_RULES` map its keys (`model.mot.layers.<i>.blocks.<e>.X` of newer saves,
-`model.mot.mixtures.<e>.X`) onto the official checkpoint's, and the official importer (`fastwam.official`) renames,
-infers the shapes, checks and writes: an unknown key, a base checkpoint (`lerobot/fastwam_base`: no action encoder /
-head / proprio encoder) and any missing, unexpected or mis-shaped tensor are refused by name. `config.json` gives
-heads, eps, horizon, frame window, inference steps and shift, prompt, and the normaliser mode (MEAN_STD -> z_score,
-MIN_MAX -> min_max; others refused).
+`model.mot.mixtures.<e>.X`) onto the official checkpoint's, and the official importer (`fastwam.formats.official`)
+renames, infers the shapes, checks and writes: an unknown key, a base checkpoint (`lerobot/fastwam_base`: no action
+encoder / head / proprio encoder) and any missing, unexpected or mis-shaped tensor are refused by name.
+`config.json` gives heads, eps, horizon, frame window, inference steps and shift, prompt, and the normaliser mode
+(MEAN_STD -> z_score, MIN_MAX -> min_max; others refused).
 
 Normaliser differences: fastwam applies the official rules (`data/normalize.py`) to LeRobot's statistics, where
 LeRobot's `NormalizerProcessorStep` (eps 1e-8, float32) computes, per dimension:
@@ -41,7 +41,7 @@ import tyro
 
 from fastwam.config import Config
 from fastwam.data.normalize import RANGE_EPS, STAT_KEYS, NormStats
-from fastwam.official import OfficialCheckpointError, fastwam_state_dict, write_imported_run
+from fastwam.formats.official import OfficialCheckpointError, fastwam_state_dict, write_imported_run
 from fastwam.presets import PresetArgs, PresetName, parse_with_preset
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
