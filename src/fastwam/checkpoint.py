@@ -214,7 +214,12 @@ def _complete(ckpt_root: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (-> its latest complete checkpoint)."""
+    """A checkpoint directory, or a run directory (-> its latest complete checkpoint); either may be a
+    hf://ORG/NAME[/SUBDIR][@REVISION] reference (`fastwam.hub`: fetched into, or read from, the Hugging Face cache)."""
+    from fastwam import hub
+
+    if hub.is_hub(path):
+        return hub.resolve_checkpoint_dir(str(path))
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path

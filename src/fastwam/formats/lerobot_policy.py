@@ -287,7 +287,7 @@ class ImportLeRobotArgs(PresetArgs):
 
     preset: PresetName = "libero_2cam224"  # config preset for what the policy files do not fix (cameras, codec, text)
     config: Config
-    policy: str = tyro.MISSING  # the LeRobot policy directory (local; download it with the Hub CLI first)
+    policy: str = tyro.MISSING  # the LeRobot policy directory, local or hf://ORG/NAME[/SUBDIR][@REVISION]
     out: str = tyro.MISSING  # run directory to write (RUN/checkpoints/step_0000000/)
 
 
@@ -295,5 +295,7 @@ def cli(argv: list[str], prog: str = "fastwam import lerobot") -> int:
     from fastwam.config import get_preset
 
     args = parse_with_preset(argv, ImportLeRobotArgs, prog)
-    import_lerobot(args.policy, args.out, args.config, preset=get_preset(args.config.name))
+    from fastwam.hub import local_folder
+
+    import_lerobot(local_folder(args.policy), args.out, args.config, preset=get_preset(args.config.name))
     return 0

@@ -379,7 +379,7 @@ class ImportOfficialArgs(PresetArgs):
 
     preset: PresetName = "libero_2cam224"  # config preset for what the tensors do not determine (heads, horizon, data)
     config: Config
-    checkpoint: str = tyro.MISSING  # the official .pt file (e.g. libero_uncond_2cam224.pt)
+    checkpoint: str = tyro.MISSING  # the official .pt file (e.g. libero_uncond_2cam224.pt), or hf://ORG/NAME/FILE
     out: str = tyro.MISSING  # run directory to write (RUN/checkpoints/step_N/)
     stats: str = ""  # the official dataset-stats JSON (e.g. libero_2cam224_dataset_stats.json)
     variant: str = "fast"  # fast | joint | idm: which official model the checkpoint is (its mask and inference mode)
@@ -393,5 +393,8 @@ def cli(argv: list[str], prog: str = "fastwam import official") -> int:
     variant = get_variant(args.variant)
     cfg = args.config.replace(train=dataclasses.replace(args.config.train, variant=args.variant),
                               inference=dataclasses.replace(args.config.inference, mode=variant.inference))
-    import_official(args.checkpoint, args.out, cfg, preset=get_preset(args.config.name), stats=args.stats or None)
+    from fastwam.hub import local_file
+
+    stats = local_file(args.stats) if args.stats else None
+    import_official(local_file(args.checkpoint), args.out, cfg, preset=get_preset(args.config.name), stats=stats)
     return 0
