@@ -21,7 +21,8 @@ environment, requests sent concurrently so the server can micro-batch them), or 
 actions), `random` (uniform in the action box, seeded per episode), and `scripted` (Meta-World's expert reading the
 privileged simulator state: a HARNESS CHECK ONLY, never a result about vision-based policies).
 
-Outputs in --out: `results.json` (per task/seed/mode cells, per-mode summaries, latency, throughput), `summary.md`
+Outputs in --out: `results.json` (per task/seed/mode cells and per-mode summaries: what the policy did, the same bytes
+wherever and however often it runs), `timing.json` (policy latency, throughput), `summary.md`
 (tables with Wilson 95 % intervals) and `videos/` (the first `--videos` episodes of each task: real rollout, and for
 joint/IDM the policy's imagined future to its right, refreshed at every re-plan).
 
@@ -63,7 +64,7 @@ from fastwam.eval.metaworld_policies import (
     _set_threads,
     _Zero,
 )
-from fastwam.eval.metaworld_results import _assemble, _latency, summary_markdown
+from fastwam.eval.metaworld_results import TIMING_FILE, _assemble, _latency, split_timing, summary_markdown
 from fastwam.eval.metaworld_rollout import (
     ENV_BUILD_COST_RESETS,
     EVAL_SEED_BASE,
@@ -220,8 +221,10 @@ def evaluate(
                                 time.perf_counter() - t_start)
             results["config"].update(shift=shift, obs_delay=obs_delay, compile=compile)
             if out is not None:  # results.json last: its presence means the evaluation ran (ablate's done marker)
+                outcome, timing = split_timing(results)
                 write_text_atomic(out / "summary.md", summary_markdown(results))
-                write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+                write_text_atomic(out / TIMING_FILE, json.dumps(timing, indent=2) + "\n")
+                write_text_atomic(out / "results.json", json.dumps(outcome, indent=2) + "\n")
     finally:
         adapter.close()
         if previous_threads is not None:

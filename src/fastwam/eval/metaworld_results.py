@@ -8,6 +8,7 @@ number (`episodes_planned`) and names them (`episode_index`), and the means are 
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -105,6 +106,51 @@ def _assemble(adapter: _Adapter, runs: list[dict], modes: list[str], tasks: list
                        "pool_start_s": pool_start_s, "wall_s": wall_s, "render_every_step": not render_flag},
         "videos": videos,
     }
+
+
+# Where an evaluation's wall-clock measurements live: timing.json beside results.json. results.json then holds only
+# what the policy did (a function of the checkpoint and the settings: the same bytes on any machine or executor,
+# `fastwam ablate --executor local|ray` included); timing.json holds how long it took.
+TIMING_FILE = "timing.json"
+_SUMMARY_TIMING = ("rollout_s", "env_steps_per_s")
+
+
+def split_timing(results: dict) -> tuple[dict, dict]:
+    """The results dict -> (outcome, timing): every latency / throughput measurement moved to the second."""
+    outcome = json.loads(json.dumps(results))
+    timing = {"latency": outcome.pop("latency", {}), "throughput": outcome.pop("throughput", {}), "cells": [],
+              "summary": {}}
+    for cell in outcome.get("cells", []):
+        if "latency" in cell:
+            timing["cells"].append({"task": cell["task"], "seed": cell["seed"], "mode": cell["mode"],
+                                    "latency": cell.pop("latency")})
+    for mode, summary in outcome.get("summary", {}).items():
+        timing["summary"][mode] = {k: summary.pop(k) for k in _SUMMARY_TIMING if k in summary}
+    return outcome, timing
+
+
+def merge_timing(outcome: dict, timing: dict) -> dict:
+    """`split_timing` undone (the dict `evaluate` returned)."""
+    results = json.loads(json.dumps(outcome))
+    results["latency"], results["throughput"] = timing.get("latency", {}), timing.get("throughput", {})
+    by_cell = {(c["task"], c["seed"], c["mode"]): c["latency"] for c in timing.get("cells", [])}
+    for cell in results.get("cells", []):
+        key = (cell["task"], cell["seed"], cell["mode"])
+        if key in by_cell:
+            cell["latency"] = by_cell[key]
+    for mode, values in timing.get("summary", {}).items():
+        results.get("summary", {}).get(mode, {}).update(values)
+    return results
+
+
+def load_results(eval_dir: Path) -> dict:
+    """An evaluation's results.json with its timing.json merged back in (evaluations written before the split kept
+    their timing inside results.json: read as they are)."""
+    results = json.loads((Path(eval_dir) / "results.json").read_text())
+    timing = Path(eval_dir) / TIMING_FILE
+    if timing.is_file():
+        results = merge_timing(results, json.loads(timing.read_text()))
+    return results
 
 
 def summary_markdown(results: dict) -> str:

@@ -188,7 +188,8 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                 outcome = "success" if e["success"] else "fail"
                 name = f"{mode}_{spec.task}_seed{spec.seed}_ep{spec.episode:02d}_{outcome}"
                 frames = compose_video(e["frames"], run.imagined, adapter.frame_stride)
-                video_paths.append(str(write_video(out / "videos" / name, frames)))
+                written = write_video(out / "videos" / name, frames)
+                video_paths.append(f"videos/{written.name}")  # relative to the evaluation's folder, wherever it is
             run.imagined, run.steps = [], 0
             bar.update(1)
             bar.set_postfix(mode=mode, success=f"{successes}/{len(records)}",

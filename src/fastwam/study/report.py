@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastwam.eval.metaworld_results import load_results
 from fastwam.eval.stats import fmt_rate, hierarchical_bootstrap, markdown_table, wilson_interval
 from fastwam.files import write_text_atomic
 
@@ -25,7 +26,7 @@ def _load_results(runs: dict) -> dict[str, dict]:
     for name, info in runs.items():
         path = Path(info["eval_dir"]) / "results.json"
         if path.is_file():
-            results = json.loads(path.read_text())
+            results = load_results(path.parent)
             if not results.get("partial"):  # an evaluation stopped by Ctrl-C: not a result until it is rerun
                 out[name] = results
     return out
@@ -287,7 +288,8 @@ def publish_data(out: Path, dest: Path) -> list[Path]:
     files written."""
     compact = lambda text: json.dumps(json.loads(text), separators=(",", ":")) + "\n"  # noqa: E731
     written = []
-    for pattern, transform in (("eval/**/results.json", compact), ("runs/**/metrics.jsonl", _thin_metrics)):
+    for pattern, transform in (("eval/**/results.json", compact), ("eval/**/timing.json", compact),
+                               ("runs/**/metrics.jsonl", _thin_metrics)):
         for src in sorted(out.glob(pattern)):
             target = dest / src.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fastwam.eval.metaworld_results import load_results
 from fastwam.eval.stats import hierarchical_bootstrap, markdown_table
 
 BASE = "base"
@@ -56,7 +57,7 @@ def load(runs: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
             continue
         for cond, eval_dir in info.get("evals", {}).items():
             path = Path(eval_dir) / "results.json"
-            results = json.loads(path.read_text()) if path.is_file() else {"partial": True}
+            results = load_results(path.parent) if path.is_file() else {"partial": True}
             if not results.get("partial"):  # an evaluation stopped by Ctrl-C is not a result until it is rerun
                 table.setdefault((info["cell"], info["variant"], cond), {})[info["seed"]] = results
     return table
