@@ -352,8 +352,9 @@ class TrialDone:
     trials: int
     success: bool
     successes: int  # in this task so far
-    steps: int
+    steps: int  # policy steps
     seconds: float
+    env_steps: int = 0  # simulator steps, the wait steps included
 
 
 def run_task(backend: Backend, client: Client, args: LiberoArgs, suite_name: str, task_id: int,
@@ -378,7 +379,8 @@ def run_task(backend: Backend, client: Client, args: LiberoArgs, suite_name: str
             episodes.append(run_episode(env, init_states[i % len(init_states)], description, client, args, max_steps,
                                         trial=i))
             progress(TrialDone(suite_name, task_id, i, args.trials, episodes[-1].success,
-                               sum(e.success for e in episodes), episodes[-1].steps, time.perf_counter() - t0))
+                               sum(e.success for e in episodes), episodes[-1].steps, time.perf_counter() - t0,
+                               episodes[-1].steps + args.wait_steps))
     finally:
         if hasattr(env, "close"):
             env.close()
@@ -398,7 +400,7 @@ class Progress:
         self.done += 1
         self.seconds += t.seconds
         self.steps += t.steps + 1  # the wait steps are simulated too; +1 keeps a 0-step trial from dividing by 0
-        per_step = t.seconds / max(t.steps, 1)
+        per_step = t.seconds / max(t.env_steps or t.steps, 1)  # simulator + renders + the policy's share
         left = (self.total - self.done) * (self.seconds / self.done) / self.workers
         self.log(f"[libero] {t.suite} task {t.task_id} trial {t.trial + 1}/{t.trials}: "
                  f"{'success' if t.success else 'failure'} ({t.successes}/{t.trial + 1} so far), {t.steps} steps, "
