@@ -80,16 +80,24 @@ def _check_cells(out: Path, cells: dict[str, dict[str, str]]) -> None:
     write_text_atomic(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
 
 
+# Options that say how or where a study runs, or only re-render / publish its report: never part of what the study is.
+_NOT_THE_STUDY = ("--publish", "--publish-videos", "--executor", "--ray-address", "--job-gpus")
+
+
+_RUNS_ON = ("executor", "ray_address", "job_gpus")  # AblateArgs fields of the options above
+
+
 def _study_argv(argv: list[str]) -> list[str]:
-    """The study's own options: without those that only re-render or publish the report of the same study."""
+    """The study's own options: without those that only re-render or publish the report of the same study, or that
+    choose where its jobs run (the results are the same under every executor)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("--report-only", "--no-report-only") or a.startswith(("--publish=", "--publish-videos=")):
+        if a in ("--report-only", "--no-report-only") or a.startswith(tuple(f"{o}=" for o in _NOT_THE_STUDY)):
             continue
-        if a in ("--publish", "--publish-videos"):
+        if a in _NOT_THE_STUDY:
             skip = True
             continue
         out.append(a)
@@ -100,7 +108,7 @@ def study_record(args: AblateArgs, argv: list[str]) -> dict:
     """OUT/ablation.json: the study's command (without --report-only and --publish, which only re-render or copy the
     report of the same study), its options and its config."""
     return {"command": shlex.join(["fastwam", "ablate", *_study_argv(argv)]),
-            "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "config"},
+            "args": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("config", *_RUNS_ON)},
             "config": args.config.to_dict()}
 
 
@@ -114,7 +122,7 @@ def _same_study(path: Path, record: dict) -> bool:
     if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
         return False
     record = json.loads(json.dumps(record))  # tuples as the file has them: lists
-    where = ("out", "report_only", "publish", "publish_videos")
+    where = ("out", "report_only", "publish", "publish_videos", *_RUNS_ON)
     strip = lambda a: {k: v for k, v in a.items() if k not in where}  # noqa: E731
     # A study recorded before an option or a config field existed had that option's default.
     defaults = {f.name: f.default for f in dataclasses.fields(AblateArgs) if f.default is not dataclasses.MISSING}
@@ -143,7 +151,12 @@ def cli(argv: list[str], prog: str = "fastwam ablate") -> int:
         write_text_atomic(out / "ablation.json", json.dumps(record, indent=2))
     t0 = time.time()
     if not args.report_only:
-        run_jobs(jobs, out, args.parallel)
+        executor = None
+        if args.executor == "ray":
+            from fastwam.study.ray_executor import RayExecutor
+
+            executor = RayExecutor(args.ray_address, args.parallel, jobs)
+        run_jobs(jobs, out, args.parallel, executor)
     from fastwam.study.report import write_report
 
     report = write_report(out, runs, args)

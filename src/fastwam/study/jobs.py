@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from fastwam.files import write_text_atomic
 from fastwam.study.plan import Job
@@ -98,12 +99,48 @@ def progress_line(n_done: int, n_total: int, pending: list[str], running: dict[s
     return line
 
 
-def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
-    """Run pending jobs respecting dependencies, `parallel` at a time; logs in OUT/logs/NAME.log.
+class LocalExecutor:
+    """Jobs as subprocesses of this driver, `parallel` at a time. Each running job's pid is in OUT/logs/NAME.pid: a
+    driver started while an earlier one's jobs still run (after a crash, or stopped to change the plan) watches those
+    jobs instead of starting them again."""
 
-    Each running job's pid is in OUT/logs/NAME.pid: a driver started while an earlier one's jobs still run (after a
-    crash, or stopped to change the plan) watches those jobs instead of starting them again.
-    """
+    name = "local"
+
+    def __init__(self, parallel: int):
+        self.parallel = parallel
+
+    def capacity(self) -> int:
+        return self.parallel
+
+    def adopt(self, job: Job, logs: Path) -> _Adopted | None:
+        return _adopt(logs / f"{job.name}.pid")
+
+    def start(self, job: Job, logs: Path, env: dict[str, str]):
+        log = open(logs / f"{job.name}.log", "a")
+        log.write(f"$ {' '.join(job.cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        (logs / f"{job.name}.pid").write_text(f"{proc.pid}\n")
+        return proc
+
+    def finished(self, job: Job, logs: Path) -> None:
+        (logs / f"{job.name}.pid").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+
+def job_environment() -> dict[str, str]:
+    """One thread per job, compilation included (inductor would start a compile worker per core)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+            "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+
+
+def run_jobs(jobs: list[Job], out: Path, parallel: int, executor=None) -> None:
+    """Run pending jobs respecting dependencies; logs in OUT/logs/NAME.log. The executor starts and watches them:
+    `LocalExecutor(parallel)` (the default) runs them here, `ray_executor.RayExecutor` as Ray tasks. Whatever the
+    executor, a job counts as done only when its output exists (`Job.is_done`), so a rerun resumes the study."""
+    executor = executor or LocalExecutor(parallel)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pending = [j for j in jobs if not j.is_done()]
@@ -111,10 +148,10 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
     for j in jobs:
         if j.name in done:
             print(f"[ablate] {j.name}: done already, skipping")
-    running: dict[str, tuple[subprocess.Popen | _Adopted, float]] = {}
+    running: dict[str, tuple[Any, float]] = {}
     resumed: set[str] = set()  # jobs that continue earlier work: their time is not the job's duration
     for j in list(pending):
-        adopted = _adopt(logs / f"{j.name}.pid")
+        adopted = executor.adopt(j, logs)
         if adopted is not None:
             pending.remove(j)
             running[j.name] = (adopted, time.time())
@@ -126,52 +163,48 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int) -> None:
     def report_progress() -> None:
         now = time.time()
         print(progress_line(len(done), len(jobs), [j.name for j in pending],
-                            {n: (now - t0) / 60 for n, (_, t0) in running.items()}, load_durations(logs), parallel),
-              flush=True)
+                            {n: (now - t0) / 60 for n, (_, t0) in running.items()}, load_durations(logs),
+                            executor.capacity()), flush=True)
 
     report_progress()
-    # One thread per job, compilation included (inductor would start a compile worker per core).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    while pending or running:
-        finished = False
-        for name, (proc, t0) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                (logs / f"{name}.pid").unlink(missing_ok=True)
-                job = by_name[name]
-                if proc.returncode == 0 and job.is_done():
-                    done.add(name)
-                    minutes = (time.time() - t0) / 60
-                    print(f"[ablate] {name}: finished in {minutes:.1f} min")
-                    if name not in resumed:
-                        record_duration(logs, name, minutes)
-                    finished = True
-                else:
-                    failed.append(name)
-                    print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
-        ready = sorted((j for j in pending if all(a in done for a in j.after)), key=lambda j: j.priority)
-        blocked = [j for j in pending if any(a in failed for a in j.after)]
-        for j in blocked:
-            pending.remove(j)
-            failed.append(j.name)
-            print(f"[ablate] {j.name}: skipped (a job it needs failed)")
-        while ready and len(running) < parallel:
-            if running and (ready[0].alone or any(by_name[n].alone for n in running)):
-                break  # a timing job waits for an idle machine, and keeps it idle while it runs
-            job = ready.pop(0)
-            pending.remove(job)
-            if job.resumes_from is not None and job.resumes_from.exists():
-                resumed.add(job.name)
-            print(f"[ablate] {job.name}: starting")
-            log = open(logs / f"{job.name}.log", "a")
-            log.write(f"$ {' '.join(job.cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            (logs / f"{job.name}.pid").write_text(f"{proc.pid}\n")
-            running[job.name] = (proc, time.time())
-        if finished:  # after the next jobs started, so "running" counts them
-            report_progress()
-        time.sleep(1.0)
+    env = job_environment()
+    try:
+        while pending or running:
+            finished = False
+            for name, (proc, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    job = by_name[name]
+                    executor.finished(job, logs)
+                    if proc.returncode == 0 and job.is_done():
+                        done.add(name)
+                        minutes = (time.time() - t0) / 60
+                        print(f"[ablate] {name}: finished in {minutes:.1f} min")
+                        if name not in resumed:
+                            record_duration(logs, name, minutes)
+                        finished = True
+                    else:
+                        failed.append(name)
+                        print(f"[ablate] {name}: FAILED (exit {proc.returncode}); see {logs / (name + '.log')}")
+            ready = sorted((j for j in pending if all(a in done for a in j.after)), key=lambda j: j.priority)
+            blocked = [j for j in pending if any(a in failed for a in j.after)]
+            for j in blocked:
+                pending.remove(j)
+                failed.append(j.name)
+                print(f"[ablate] {j.name}: skipped (a job it needs failed)")
+            while ready and len(running) < executor.capacity():
+                if running and (ready[0].alone or any(by_name[n].alone for n in running)):
+                    break  # a timing job waits for an idle machine, and keeps it idle while it runs
+                job = ready.pop(0)
+                pending.remove(job)
+                if job.resumes_from is not None and job.resumes_from.exists():
+                    resumed.add(job.name)
+                print(f"[ablate] {job.name}: starting")
+                running[job.name] = (executor.start(job, logs, env), time.time())
+            if finished:  # after the next jobs started, so "running" counts them
+                report_progress()
+            time.sleep(1.0)
+    finally:
+        executor.close()
     if failed:
         raise RuntimeError(f"ablation jobs failed: {', '.join(failed)} (logs in {logs}); rerun to retry them")

@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fastwam.config import Config
 from fastwam.presets import PresetArgs
@@ -66,6 +67,12 @@ class AblateArgs(PresetArgs):
     corpus_seed: int = 1
     pretrain_steps: int = 0  # steps of each training seed's video prior (0: --train-steps)
     video_dataset: str = ""  # action-free clips for cells with video_ratio=R
+    # Where the jobs run: "local" (subprocesses of this command, --parallel at a time) or "ray" (Ray tasks with
+    # their CPU / GPU needs declared; a local Ray of --parallel CPUs, or the cluster at --ray-address). The results
+    # are the same either way; OUT must be on a file system every Ray node sees.
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # a Ray cluster ("auto", "ray://head:10001"); empty: start a local Ray
+    job_gpus: float = 0.0  # GPUs each training / pretraining job asks Ray for (0: CPU only)
     report_only: bool = False
     publish: str = ""  # also copy the report, its pictures and --publish-videos videos here (e.g. docs/results/X)
     publish_videos: int = 3
@@ -87,6 +94,9 @@ class Job:
     # measures are not another job's contention (the demo's latency, timed beside data generation, read 81 ms p50;
     # timed alone, 33 ms).
     alone: bool = False
+    # What the job needs of a machine, for executors that place jobs (Ray): CPU cores and GPUs.
+    cpus: float = 1.0
+    gpus: float = 0.0
 
     def is_done(self) -> bool:
         """The output exists and is whole: an evaluation stopped by Ctrl-C writes results.json marked partial, which
@@ -231,14 +241,14 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     if not args.dataset:
         jobs.append(Job("data", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes",
                                          str(args.episodes_per_task), "--out", str(data_dir), "--image-size",
-                                         str(size)], data_dir / "meta" / "info.json"))
+                                         str(size)], data_dir / "meta" / "info.json", cpus=2))
     cells = parse_cells(args.cells) or {"": {}}
     demos = sorted({int(o["demos"]) for o in cells.values() if "demos" in o} - {args.episodes_per_task})
     data_for = {n: out / f"data_demos{n}" for n in demos}
     for n, path in data_for.items():  # the first n demonstrations per task of the same generator: a subset
         jobs.append(Job(f"data_demos{n}", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes", str(n),
                                                   "--out", str(path), "--image-size", str(size)],
-                        path / "meta" / "info.json"))
+                        path / "meta" / "info.json", cpus=2))
     corpus_job = ()
     if args.corpus_episodes > 0:
         if not args.pretrain_dataset:
@@ -248,7 +258,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             "data", "metaworld", "--tasks", args.corpus_tasks, "--episodes", str(args.corpus_episodes), "--seed",
             str(args.corpus_seed), "--no-actions", "--policies", args.corpus_policies, "--keep-failures",
             "--max-steps", str(args.max_steps), "--image-size", str(size), "--out", str(corpus)],
-            corpus / "meta" / "info.json"))
+            corpus / "meta" / "info.json", cpus=2))
         corpus_job = ("corpus",)
     prior_cells = [c for c, o in cells.items() if o.get("init") == "prior"]
     if prior_cells and not args.pretrain_dataset:
@@ -292,7 +302,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                     "--config.train.seed", str(seed), "--config.train.threads", "1", "--auto-resume",
                     "--no-progress"],
                 prior_dir / "checkpoints" / f"step_{pretrain_steps:07d}" / "model.safetensors", after=corpus_job,
-                priority=1, resumes_from=prior_dir / "checkpoints"))
+                priority=1, resumes_from=prior_dir / "checkpoints", gpus=args.job_gpus))
         order = sorted(((c, v) for c in cells for v in per_cell.get(c, _variants(args.variants))),
                        key=lambda cv: (cost.get(cv[1], 9), list(cells).index(cv[0])))
         for cell, variant in order:
@@ -322,7 +332,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             ]
             final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
             train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final, after=tuple(after),
-                                  priority=1, resumes_from=run_dir / "checkpoints"))
+                                  priority=1, resumes_from=run_dir / "checkpoints", gpus=args.job_gpus))
             evals = {}
             for cond, options in conds.items():
                 if cond != BASE and cell not in axis_cells:
