@@ -382,3 +382,80 @@ def test_a_timing_job_runs_on_an_idle_machine(tmp_path):
     # The study's latency jobs are such jobs.
     by = {j.name: j for j in study_plan.plan(parse_with_preset(_argv(tmp_path), study_plan.AblateArgs, "t"))[0]}
     assert by["latency_B"].alone and by["latency_B"].priority < 0 and not by["eval_B_fast_s0"].alone
+
+
+def _prior_study(tmp_path) -> tuple[dict, object]:
+    """A video-prior study on disk: 5 and 40 demos x scratch / prior x fast / no_cotrain, a video-mixing cell and
+    joint / idm from the prior. Known answer: co-training pays (+30) only from the prior with 5 demos; the mixing cell
+    is 20 points above scratch fast; imagination changes nothing."""
+    from fastwam.study.plan import AblateArgs
+
+    cells = {"s5": {"demos": "5"}, "p5": {"init": "prior", "demos": "5"}, "s40": {"demos": "40"},
+             "p40": {"init": "prior"}, "v5": {"demos": "5", "video_ratio": "0.5"}}
+    (tmp_path / "cells.json").write_text(json.dumps(cells))
+    rate = {("s5", "fast"): 0.3, ("s5", "no_cotrain"): 0.3, ("p5", "fast"): 0.7, ("p5", "no_cotrain"): 0.4,
+            ("s40", "fast"): 0.5, ("s40", "no_cotrain"): 0.5, ("p40", "fast"): 0.6, ("p40", "no_cotrain"): 0.6,
+            ("p40", "joint"): 0.6, ("p40", "idm"): 0.6, ("v5", "fast"): 0.5}
+    runs = {}
+    for (cell, variant), r in rate.items():
+        for seed in range(3):
+            name = f"{cell}/{variant}_s{seed}"
+            d = tmp_path / "eval" / name
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_results({"reach-v3": r, "drawer-open-v3": r}, seed=seed)))
+            run_dir = tmp_path / "runs" / name
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "loss": 1.0, "video": 1.0 / s, "action": 0.1, "it_s": 1.5}) + "\n"
+                for s in (10, 20, 30)))
+            runs[name] = {"variant": variant, "seed": seed, "cell": cell, "run_dir": run_dir, "eval_dir": d,
+                          "evals": {"base": d}}
+    for seed in range(3):  # the priors: their curves and, for seed 0, two imagined-frame samples
+        prior = tmp_path / "runs" / f"prior_s{seed}"
+        (prior / "samples").mkdir(parents=True)
+        (prior / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "video": 2.0 / s,
+                                                                 "action": 0.0, "it_s": 1.6}) + "\n"
+                                                     for s in (100, 200)))
+    import imageio.v3 as iio
+
+    for step in (100, 200):
+        iio.imwrite(tmp_path / "runs" / "prior_s0" / "samples" / f"step_{step:07d}.png", np.zeros((8, 12, 3), np.uint8))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    gen = lambda episodes, frames, **a: {"episodes": episodes, "frames": frames, "wall_seconds": 600.0,  # noqa: E731
+                                         "size_bytes": 1e6, "per_task": dict.fromkeys(range(a.pop("tasks")), {}),
+                                         "args": a, **({"action_free": True, "failures_kept": 7} if a.get(
+                                             "keep_failures") else {})}
+    (corpus / "fastwam_generation.json").write_text(json.dumps(gen(4000, 400_000, tasks=50, keep_failures=True,
+                                                                    policies="expert,noisy", seed=1, max_steps=150)))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "fastwam_generation.json").write_text(json.dumps(gen(400, 34_000, tasks=10, seed=0)))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "durations.json").write_text(json.dumps({"pretrain_s0": 61.5}))
+    args = AblateArgs(config=None, episodes_per_task=40, pretrain_dataset=str(corpus), cells="")
+    return runs, args
+
+
+def test_prior_report_known_answer(tmp_path):
+    from fastwam.study.prior_report import write_prior_report
+
+    runs, args = _prior_study(tmp_path)
+    report = write_prior_report(tmp_path, runs, args, ["base"]).read_text()
+    verdicts = report.split("## Verdicts")[1]
+    assert re.search(r"- 5 demos / task, from prior: video co-training \+[\d.]+ \[\+[\d.]+, .*\] points .*: pays\.",
+                     verdicts)
+    assert re.search(r"- 5 demos / task, from scratch: video co-training [-+][\d.]+ .*: unresolved\.", verdicts)
+    assert re.search(r"- 40 demos / task, from prior: video co-training [-+][\d.]+ .*: unresolved\.", verdicts)
+    assert re.search(r"Action-free clips in every batch, v5 - s5: \+[\d.]+ \[\+[\d.]+, .*: pays\.", verdicts)
+    assert re.search(r"p40, base \(re-plan every 8\): imagination joint [-+][\d.]+ .*: unresolved; idm", verdicts)
+    assert "The corpus holds 11.8x the frames of the full action-labelled set (400,000 vs 34,000)" in report
+    assert "| 0 | 200 | 62 min | 1.6 | 0.015 |" in report  # pretraining: seed 0's time from durations.json
+    assert (tmp_path / "prior_objective.png").is_file() and (tmp_path / "pretraining.png").is_file()
+    assert "![the prior imagining" in report and (tmp_path / "prior_samples.png").is_file()
+    # A published copy (no logs, no generation summaries, no samples) renders the same report from facts.json.
+    import shutil
+
+    for gone in ("logs", "corpus", "data", "runs/prior_s0/samples"):
+        shutil.rmtree(tmp_path / gone)
+    again = write_prior_report(tmp_path, runs, args, ["base"]).read_text()
+    assert again == report

@@ -53,7 +53,12 @@ def _rate(cells: dict[str, list[int]]) -> tuple[int, int]:
 def write_report(out: Path, runs: dict, args: Any) -> Path:
     out = Path(out)
     if any(info.get("cell") for info in runs.values()):  # a sweep over model cells and evaluation axes
-        from fastwam.study.plan import conditions
+        from fastwam.study.plan import STUDY_KEYS, conditions, parse_cells
+
+        if any(set(spec) & set(STUDY_KEYS) for spec in parse_cells(args.cells).values()):  # the video-prior study
+            from fastwam.study.prior_report import write_prior_report
+
+            return write_prior_report(out, runs, args, list(conditions(args)))
         from fastwam.study.sweep_report import write_study_report
 
         return write_study_report(out, runs, args, list(conditions(args)))
@@ -321,7 +326,7 @@ def publish_report(out: Path, dest: Path, videos: int = 3) -> Path:
 
     out, dest = Path(out), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    keep = [p for pattern in ("*.png", "ablation.json", "cells.json", "latency*.json", "config_*.json")
+    keep = [p for pattern in ("*.png", "ablation.json", "cells.json", "latency*.json", "config_*.json", "facts.json")
             for p in sorted(out.glob(pattern))]
     variant = {p: _video_variant(out, p) for p in out.glob("eval/**/videos/*.mp4")}
     found = sorted(variant, key=lambda p: (variant[p] not in ("joint", "idm"), variant[p], str(p)))
