@@ -208,6 +208,26 @@ def test_tiny_checkpoint_over_websocket_server_matches_in_process(tiny_checkpoin
     assert len(remote["videos"]) == 1  # imagined frames came over the wire too
 
 
+def test_workers_against_one_server_give_the_results_of_one_worker(tiny_checkpoint, tmp_path):
+    """--workers N: N simulator processes, their observations sent to one server (which micro-batches them); the
+    per-episode results are those of one worker, and results.json is the same file but for the worker count."""
+    import json
+
+    from fastwam.policy import FastWAMPolicy
+    from fastwam.serving.server import PolicyServer
+
+    policy = FastWAMPolicy.from_pretrained(tiny_checkpoint, device="cpu")
+    files = {}
+    with PolicyServer(policy, "127.0.0.1", 0, max_batch=8, batch_timeout_ms=2) as server:
+        for workers in (1, 2):
+            mwe.evaluate(None, [TASK], episodes=3, seeds=[0, 1], max_steps=12, workers=workers, num_envs=4,
+                         video_episodes=0, out_dir=tmp_path / f"w{workers}", progress=False,
+                         server=f"ws://127.0.0.1:{server.port}")
+            files[workers] = json.loads((tmp_path / f"w{workers}" / "results.json").read_text())
+    assert files[2]["config"].pop("workers") == 2 and files[1]["config"].pop("workers") == 1
+    assert files[1] == files[2]
+
+
 def test_demonstration_seeds_are_refused():
     class Fake(mwe._Zero):
         demo_seeds = {TASK: {mwe.env_seed_for(3)}}
