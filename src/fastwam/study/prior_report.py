@@ -35,6 +35,7 @@ from fastwam.study.sweep_report import (
     _seeds,
     _sign,
     _video_loss,
+    command_and_budget,
     conditions_section,
     load,
     status_section,
@@ -364,18 +365,8 @@ def write_prior_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     r = roles(cells, args.episodes_per_task)
     facts = gather_facts(out, args, runs)
     lines = ["# Fast-WAM on Meta-World with a video prior: does co-training pay once there is a prior to keep?", ""]
-    meta_path = out / "ablation.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        a = meta["args"]
-        lines += ["Command (re-run it to reproduce or to continue an interrupted study):", "",
-                  f"```\n{meta['command']}\n```", "",
-                  f"Budget: tasks `{a['tasks']}`; {a['train_steps']} training steps per policy and "
-                  f"{a.get('pretrain_steps') or a['train_steps']} per video prior (batch "
-                  f"{meta['config']['train']['batch_size']}, preset `{meta['config']['name']}`); training seeds "
-                  f"`{a['seeds']}`; evaluation seeds `{a['eval_seeds']}` x {a['eval_episodes']} episodes per task "
-                  f"(the same layouts for every model); re-plan every {a['replan']} actions; at most "
-                  f"{a['max_steps']} steps. Cells: " + "; ".join(f"`{k}`: {v}" for k, v in cells.items()) + ".", ""]
+    lines += command_and_budget(out, cells, lambda a: f"{a['train_steps']} training steps per policy and "
+                                f"{a.get('pretrain_steps') or a['train_steps']} per video prior")
     grid_lines, points = prior_objective_section(table, r)
     video_lines, video = video_cotrain_section(table, r)
     map_lines, forest = imagination_section(out, table, r, conds)

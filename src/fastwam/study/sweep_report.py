@@ -427,18 +427,7 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     table = load(runs)
     cells = json.loads((out / "cells.json").read_text()) if (out / "cells.json").is_file() else {}
     lines = ["# Fast-WAM on Meta-World: co-training against capacity, and where imagination pays", ""]
-    meta_path = out / "ablation.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        a = meta["args"]
-        lines += ["Command (re-run it to reproduce or to continue an interrupted study):", "",
-                  f"```\n{meta['command']}\n```", "",
-                  f"Budget: tasks `{a['tasks']}`; {a['train_steps']} training steps per model (batch "
-                  f"{meta['config']['train']['batch_size']}, preset `{meta['config']['name']}`); training seeds "
-                  f"`{a['seeds']}`; evaluation seeds `{a['eval_seeds']}` x {a['eval_episodes']} episodes per task "
-                  f"(the same layouts for every model); re-plan every {a['replan']} actions; at most "
-                  f"{a['max_steps']} steps. Cells: " + "; ".join(f"`{k}`: {v or 'the preset'}" for k, v in
-                                                                  cells.items()) + ".", ""]
+    lines += command_and_budget(out, cells, lambda a: f"{a['train_steps']} training steps per model")
     cap_lines, points = capacity_section(out, runs, table, cells)
     map_lines, forest = imagination_section(out, table, cells, conds)
     lines += status_section(table, runs)
@@ -453,6 +442,22 @@ def write_study_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def command_and_budget(out: Path, cells: dict[str, dict], steps: Any) -> list[str]:
+    """The study's recorded command and what it spent; `steps(args)` says how many training steps, in words."""
+    meta_path = out / "ablation.json"
+    if not meta_path.is_file():
+        return []
+    meta = json.loads(meta_path.read_text())
+    a = meta["args"]
+    return ["Command (re-run it to reproduce or to continue an interrupted study):", "",
+            f"```\n{meta['command']}\n```", "",
+            f"Budget: tasks `{a['tasks']}`; {steps(a)} (batch {meta['config']['train']['batch_size']}, preset "
+            f"`{meta['config']['name']}`); training seeds `{a['seeds']}`; evaluation seeds `{a['eval_seeds']}` x "
+            f"{a['eval_episodes']} episodes per task (the same layouts for every model); re-plan every {a['replan']} "
+            f"actions; at most {a['max_steps']} steps. Cells: "
+            + "; ".join(f"`{k}`: {v or 'the preset'}" for k, v in cells.items()) + ".", ""]
 
 
 def status_section(table: dict, runs: dict) -> list[str]:
