@@ -411,9 +411,9 @@ def test_bad_policy_metadata_fails_at_startup() -> None:
 
 def test_cli_help_exits_cleanly() -> None:
     from fastwam.bench import serve as bench_serve
-    from fastwam.serving import server as server_module
+    from fastwam.serving import serve_cli
 
-    for cli in (server_module.cli, bench_serve.cli):
+    for cli in (serve_cli.main, bench_serve.cli):
         with pytest.raises(SystemExit) as info:
             cli(["--help"], prog="fastwam test")
         assert info.value.code == 0
