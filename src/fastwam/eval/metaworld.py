@@ -123,7 +123,9 @@ def evaluate(
     `horizon` sets the chunk length, default 16); ignored when `server` ("ws://host:port") is given.
     mode: inference mode(s) to evaluate, each in its own pass (default: the policy's own).
     replan: actions executed per chunk before asking again (default H // 2).
-    num_envs: environments in flight (= the policy's batch size); default 8 per worker (8 with workers=0).
+    num_envs: environments in flight (= the policy's batch size); default 8, whatever the number of workers: the
+        batch a policy call sees is then the same with 1 or N workers, and so are the results (a batch of another
+        size can round a float differently, and a closed loop amplifies that into another episode).
     pipeline: overlap the policy with the simulators (two blocks of envs in turn; needs workers >= 1). Results are
     the same either way; only the speed changes. None = only for a policy on a GPU: a CPU policy competes with the
     env workers for the same cores (measured on the 2-core box under other load: no gain, per-observation policy
@@ -155,7 +157,7 @@ def evaluate(
     if max_steps < 1:
         raise ValueError("max_steps must be >= 1")
     total_per_mode = len(task_list) * len(seed_list) * episodes
-    slots = num_envs or 8 * max(1, workers)
+    slots = num_envs or 8
     slots = max(1, min(slots, total_per_mode))
     adapter = _resolve_policy(policy_or_checkpoint, server, slots, horizon, device, policy_seed, compile)
     previous_threads: int | None = None
@@ -248,7 +250,9 @@ class EvalArgs:
     horizon: int = 0  # chunk length of the zero/random/scripted baselines (0 = 16)
     max_steps: int = 300
     workers: int = 2  # env worker processes (0 = step the envs in this process)
-    num_envs: int = 0  # environments in flight (0 = 8 per worker); pipelined, each policy call batches half of them
+    # Environments in flight (0 = 8, whatever --workers: the same batches, so the same results, with 1 or N workers);
+    # pipelined, each policy call batches half of them.
+    num_envs: int = 0
     server: str = ""  # ws://host:port: evaluate through `fastwam serve` instead of loading the checkpoint
     out: str = "runs/eval/metaworld"
     videos: int = 2  # episodes recorded per task (first seed)
