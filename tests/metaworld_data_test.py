@@ -122,3 +122,57 @@ def test_generation_is_reproducible(generated):
             np.testing.assert_array_equal(ra.decode_episode(key, ea), rb.decode_episode(key, eb),
                                           err_msg=f"{key} episode {ea.index}; mp4 bytes identical: {same_files}")
 
+
+
+def test_action_free_corpus_with_perturbed_and_noisy_players_and_failures_kept(tmp_path):
+    out = tmp_path / "corpus"
+    proc = subprocess.run([sys.executable, "-m", "fastwam", "data", "metaworld", "--tasks", "push", "--episodes", "4",
+                           "--shard-size", "4", "--image-size", "16", "--workers", "1", "--no-progress", "--no-actions",
+                           "--policies", "expert,noisy,perturbed", "--noise", "0.5", "--keep-failures",
+                           "--max-steps", "25", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    r = LeRobotReader(out)
+    assert "action" not in r.features and "observation.state" not in r.features
+    assert r.camera_keys == ["observation.images.scene", "observation.images.wrist"]
+    summary = json.loads((out / "fastwam_generation.json").read_text())
+    st = summary["per_task"]["push-v3"]
+    assert summary["action_free"] and summary["episodes"] == 4 and st["attempted"] == 4  # failures are kept
+    assert st["policies"] == {"expert": 2, "noisy": 1, "perturbed": 1}
+    assert summary["failures_kept"] >= 1 and all(e.length <= 25 for e in r.episodes)  # 25 steps: push rarely ends
+    assert "action-free" in proc.stderr
+    assert not (tmp_path / "corpus.shards").exists() and not list(tmp_path.glob(".corpus.tmp-*"))
+    ds = ClipDataset(DataConfig(dataset=str(out), image_size=(16, 16), num_frames=3, frame_stride=4,
+                                action_horizon=4), actions=False)
+    assert set(ds[0]) == {"video", "video_mask", "task"}
+
+
+def test_a_stopped_generation_resumes_from_its_finished_shards(tmp_path, monkeypatch, capsys):
+    from fastwam.data import metaworld as gen
+
+    args = gen.GenArgs(out=tmp_path / "d", tasks="reach", episodes=4, shard_size=2, image_size=16, workers=1,
+                       progress=False, max_steps=60)
+    saved = []
+    real_save = gen.ShardStore.save
+
+    def save_then_stop(self, job, res):
+        real_save(self, job, res)
+        saved.append(job.shard)
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # stopped right after the first shard was kept
+
+    monkeypatch.setattr(gen.ShardStore, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(args)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.tmp-*"))  # nothing half-written
+    assert [p.name for p in (tmp_path / "d.shards").glob("*.npz")] == ["reach-v3_shard0000.npz"]
+    monkeypatch.setattr(gen.ShardStore, "save", real_save)
+    summary = gen.generate(args)
+    assert "1 of 2 shards finished before" in capsys.readouterr().err
+    assert summary["episodes"] == 4 and LeRobotReader(tmp_path / "d").total_frames == summary["frames"]
+    assert not (tmp_path / "d.shards").exists()
+    # Other settings cannot reuse another generation's shards.
+    (tmp_path / "d2.shards").mkdir()
+    (tmp_path / "d2.shards" / "settings.json").write_text(json.dumps({"episodes": 99}))
+    with pytest.raises(ValueError, match="holds shards of a generation with other settings"):
+        gen.generate(gen.GenArgs(out=tmp_path / "d2", tasks="reach", episodes=4, shard_size=2, image_size=16,
+                                 workers=1, progress=False))
