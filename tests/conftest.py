@@ -15,6 +15,15 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastwam_inducto
 atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_traces(monkeypatch):
+    """Every test starts without FASTWAM_DEBUG: `fastwam --debug` run in-process sets it for the subprocesses a command
+    starts, and it would otherwise leak into later tests' subprocesses, whose one-line errors then carry tracebacks."""
+    monkeypatch.delenv("FASTWAM_DEBUG", raising=False)
+    yield
+    os.environ.pop("FASTWAM_DEBUG", None)
+
+
 @pytest.fixture
 def record_fsyncs(monkeypatch):
     """`record_fsyncs(probe)` starts recording every `os.fsync` as (the synced path, `probe()` at that moment); it
