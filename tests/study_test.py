@@ -451,7 +451,8 @@ def test_prior_report_known_answer(tmp_path):
     assert "The corpus holds 11.8x the frames of the full action-labelled set (400,000 vs 34,000)" in report
     assert "| 0 | 200 | 62 min | 1.6 | 0.015 |" in report  # pretraining: seed 0's time from durations.json
     assert (tmp_path / "prior_objective.png").is_file() and (tmp_path / "pretraining.png").is_file()
-    assert "![the prior imagining" in report and (tmp_path / "prior_samples.png").is_file()
+    assert "![imagined futures, top to bottom: the prior at step 100; the prior at step 200" in report
+    assert (tmp_path / "prior_samples.png").is_file()
     # A published copy (no logs, no generation summaries, no samples) renders the same report from facts.json.
     import shutil
 

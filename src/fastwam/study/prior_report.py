@@ -72,7 +72,8 @@ def gather_facts(out: Path, args: Any, runs: dict) -> dict:
     files when they are there, else from OUT/facts.json (a published copy)."""
     path = out / FACTS
     old = json.loads(path.read_text()) if path.is_file() else {}
-    facts: dict[str, Any] = {"datasets": dict(old.get("datasets", {})), "pretraining": dict(old.get("pretraining", {}))}
+    facts: dict[str, Any] = {**old, "datasets": dict(old.get("datasets", {})),
+                             "pretraining": dict(old.get("pretraining", {}))}
 
     def dataset(label: str, root: Path) -> None:
         gen = root / "fastwam_generation.json"
@@ -339,19 +340,38 @@ def _plot_pretraining(out: Path, runs: dict, r: dict[str, dict]) -> Path | None:
     return save_figure(fig, out / "pretraining.png")
 
 
-def prior_samples(out: Path) -> Path | None:
-    """The first training seed's prior imagining the future at its first and its last sample (top row real, bottom
-    row imagined, in each), one above the other: kept at OUT/prior_samples.png."""
-    samples = sorted((out / "runs" / "prior_s0" / "samples").glob("step_*.png"))
-    target = out / SAMPLES
-    if len(samples) >= 2:
-        import imageio.v3 as iio
+def prior_samples(out: Path, runs: dict, r: dict[str, dict], full: int) -> tuple[Path | None, str]:
+    """Imagined futures, each a pair of rows (real above, imagined below): the first training seed's prior at its
+    first and its last sample, then fast fine-tuned from scratch and from the prior on the full data (their last
+    samples). Kept at OUT/prior_samples.png with its caption in facts.json (a published copy has no samples/)."""
+    import imageio.v3 as iio
 
-        first, last = iio.imread(samples[0]), iio.imread(samples[-1])
-        width = max(first.shape[1], last.shape[1])
+    picks, names = [], []
+    samples = sorted((out / "runs" / "prior_s0" / "samples").glob("step_*.png"))
+    if len(samples) >= 2:
+        picks += [samples[0], samples[-1]]
+        names += [f"the prior at step {int(samples[0].stem[5:])}", f"the prior at step {int(samples[-1].stem[5:])}"]
+    for init in ("scratch", "prior"):
+        cell = _cell_for(r, init, full)
+        run = next((i for i in runs.values() if i.get("cell") == cell and i["variant"] == "fast" and i["seed"] == 0),
+                   None)
+        done = sorted((Path(run["run_dir"]) / "samples").glob("step_*.png")) if run else []
+        if done:
+            picks.append(done[-1])
+            names.append(f"fast from {init}, {full} demos per task, step {int(done[-1].stem[5:])}")
+    target, caption_file = out / SAMPLES, out / FACTS
+    facts = json.loads(caption_file.read_text()) if caption_file.is_file() else {}
+    if len(picks) >= 2:
+        images = [iio.imread(p) for p in picks]
+        width = max(a.shape[1] for a in images)
         pad = lambda a: np.pad(a, ((0, 6), (0, width - a.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
-        iio.imwrite(target, np.concatenate([pad(first), pad(last)], axis=0))
-    return target if target.is_file() else None
+        iio.imwrite(target, np.concatenate([pad(a) for a in images], axis=0))
+        facts["samples_caption"] = "imagined futures, top to bottom: " + "; ".join(names) + " (in each pair, " \
+                                   "real above, imagined below)"
+        write_text_atomic(caption_file, json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    if not target.is_file():
+        return None, ""
+    return target, facts.get("samples_caption", "imagined futures")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -379,10 +399,10 @@ def write_prior_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     if loss_rows:
         lines += ["Final video flow loss of each fine-tuned model (training seed 0, mean of its last 5 logs):", "",
                   markdown_table(["cell", "variant", "video loss"], loss_rows), ""]
+    samples, caption = prior_samples(out, runs, r, args.episodes_per_task)
     for path, title in ((_plot_grid(out, points), "prior x objective"),
                         (_plot_pretraining(out, runs, r), "pretraining and fine-tuning video loss"),
-                        (prior_samples(out), "the prior imagining: first sample (top pair) and last (bottom pair); "
-                                             "in each, real above imagined")):
+                        (samples, caption)):
         if path is not None:
             lines += [f"![{title}]({path.name})", ""]
     report = out / "report.md"
