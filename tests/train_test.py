@@ -173,13 +173,17 @@ from fastwam.data.synthetic import SyntheticClips
 from fastwam.train import train
 cfg = get_preset("tiny")
 cfg = cfg.replace(train=dataclasses.replace(cfg.train, steps=3, batch_size=4, save_every=100, log_every=1))
+if sys.argv[2] == "prior":  # `fastwam pretrain`: the video expert alone
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, variant="video"),
+                      model=dataclasses.replace(cfg.model, action_expert=False))
 res = train(cfg, sys.argv[1], dataset=SyntheticClips(cfg.data, num_clips=16), progress=False, log_all_steps=True)
 if res.losses:
     print("LOSSES", json.dumps([e["loss"] for e in res.losses]))
 """
 
 
-def test_two_process_gloo_matches_one_process(tmp_path):
+@pytest.mark.parametrize("objective", ["policy", "prior"])
+def test_two_process_gloo_matches_one_process(tmp_path, objective):
     script = tmp_path / "run.py"
     script.write_text(GLOO_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -187,7 +191,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     for n in (1, 2):
         # --standalone: the launcher picks a free port itself (a fixed or pid-derived one can be taken).
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(script),
-               str(tmp_path / f"run{n}")]
+               str(tmp_path / f"run{n}"), objective]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES")][0]

@@ -59,7 +59,8 @@ def wrap_model(model: torch.nn.Module, fsdp: bool, d: Dist, device):
         # FSDP2: shard each block of both experts, then the root (parameters become DTensors).
         from torch.distributed.fsdp import fully_shard
 
-        for block in list(model.video.blocks) + list(model.action.blocks):
+        experts = [model.video] + ([model.action] if model.action is not None else [])  # a video prior has one
+        for block in [b for expert in experts for b in expert.blocks]:
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
