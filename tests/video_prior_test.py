@@ -296,3 +296,30 @@ def test_synthetic_dataset_still_trains_without_a_mix(tmp_path):
     cfg = tiny_train_config(2)
     result = train(cfg, tmp_path / "run", dataset=synthetic_clips(cfg), progress=False)
     assert "clips_labelled" not in result.losses[-1]
+
+
+def test_the_commands(datasets, tmp_path, capsys):
+    """`fastwam pretrain`, then `fastwam train --init-from --video-dataset`, from the command line."""
+    from fastwam.cli import main
+
+    labelled, video = datasets
+    common = ["--preset", "tiny", "--steps", "2", "--no-progress", "--config.data.frame-stride", "2",
+              "--config.train.batch-size", "4"]
+    assert main(["pretrain", "--dataset", str(video), "--out", str(tmp_path / "prior"), *common]) == 0
+    assert main(["train", "--dataset", str(labelled), "--out", str(tmp_path / "policy"), "--init-from",
+                 str(tmp_path / "prior"), "--init-action", "random", "--video-dataset", str(video), "--video-ratio",
+                 "0.25", *common]) == 0
+    cfg = ckpt_io.load_config(tmp_path / "policy")
+    assert cfg.train.init_from == str(tmp_path / "prior") and cfg.train.init_action == "random"
+    assert cfg.data.video_dataset == str(video) and cfg.data.video_ratio == 0.25 and cfg.model.action_expert
+    err = capsys.readouterr().err
+    assert "init-from" in err and "1 action-free clips" in err
+    for argv, says in ((["train", "--dataset", str(labelled), "--out", str(tmp_path / "x"), "--variant", "video"],
+                        "fastwam pretrain"),
+                       (["train", "--dataset", str(labelled), "--out", str(tmp_path / "x"), "--init-action", "random"],
+                        "--init-action needs --init-from"),
+                       (["train", "--dataset", str(labelled), "--out", str(tmp_path / "x"), "--video-ratio", "0.5"],
+                        "--video-ratio needs --video-dataset"),
+                       (["serve", "--checkpoint", str(tmp_path / "prior"), "--port", "0"], "video prior")):
+        assert main(argv + (common[:2] if argv[0] == "train" else [])) == 2
+        assert says in capsys.readouterr().err

@@ -180,7 +180,7 @@ def train(
         t.video_dataset = video_dataset
         t.mix = MixedBatches(len(dataset), len(video_dataset), cfg.train.batch_size, cfg.data.video_ratio,
                              cfg.train.seed)
-        if d.main and progress:
+        if d.main:
             print(f"co-training: each batch of {cfg.train.batch_size} holds {t.mix.labelled} action-labelled clips "
                   f"from {cfg.data.dataset} and {t.mix.video} action-free clips from {cfg.data.video_dataset} "
                   f"({len(video_dataset)} clips)", file=sys.stderr)
