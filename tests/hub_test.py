@@ -125,3 +125,11 @@ def test_import_official_reads_hub_files(cache, tmp_path):
     shutil.rmtree(cache / "models--org--official" / "snapshots")
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE"):
         local_file("hf://org/official/ckpt/checkpoint.pt")
+
+
+def test_a_folder_from_the_cache(cache):
+    _put(cache, "org/lerobot", COMMITS[0], {"pol/config.json": b"{}", "pol/model.safetensors": b"x"})
+    folder = hub.resolve_folder("hf://org/lerobot/pol")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(hub.HubError, match="no files there"):
+        hub.resolve_folder("hf://org/lerobot/other")
