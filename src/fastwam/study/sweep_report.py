@@ -179,7 +179,8 @@ def capacity_section(out: Path, runs: dict, table: dict, cells: dict[str, dict])
     return lines, points
 
 
-def cotrain_conditions_section(table: dict, cells: dict[str, dict], conds: list[str]) -> list[str]:
+def cotrain_conditions_section(table: dict, cells: dict[str, dict], conds: list[str],
+                               where: str = "in the capacity table") -> list[str]:
     """Co-training (fast - no_cotrain) under every evaluation condition both variants were evaluated in: whether
     the video loss buys robustness (to shifts, open-loop length, stale frames) beyond the base condition."""
     rows = []
@@ -196,7 +197,7 @@ def cotrain_conditions_section(table: dict, cells: dict[str, dict], conds: list[
     if not rows:
         return []
     return ["## Co-training under each evaluation condition", "",
-            "The same fast and no_cotrain models as in the capacity table, evaluated under the conditions below: "
+            f"The same fast and no_cotrain models as {where}, evaluated under the conditions below: "
             "does training with the video loss make the policy more robust, not only better on the training "
             "distribution?", "",
             markdown_table(["cell", "condition", "fast", "no_cotrain", "co-training (fast - no_cotrain), points",
