@@ -392,8 +392,8 @@ def write_prior_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Pa
     video_lines, video = video_cotrain_section(table, r)
     map_lines, forest = imagination_section(out, table, r, conds)
     lines += status_section(table, runs) + facts_section(facts, args) + grid_lines + video_lines
-    lines += conditions_section(conds) + cotrain_conditions_section(table, cells, conds, "in the prior x objective table")
-    lines += map_lines
+    lines += conditions_section(conds)
+    lines += cotrain_conditions_section(table, cells, conds, "in the prior x objective table") + map_lines
     lines += ["## Verdicts (computed from the intervals)", ""] + verdicts(points, video, forest) + [""]
     losses = {(info.get("cell"), info["variant"]): _video_loss(info["run_dir"]) for info in runs.values()
               if info.get("seed") == 0 and info.get("cell")}
