@@ -24,3 +24,15 @@ def test_compiled_latency_reports_agreement_with_eager(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["compiled"] == "default"  # inductor without CUDA graphs on CPU
     assert report["modes"]["fast"]["max_abs_diff_vs_eager"] <= 1e-5
+
+
+def test_step_counts_are_reported_side_by_side(capsys):
+    assert latency.cli(["--preset", "tiny", "--modes", "fast", "--iters", "2", "--warmup", "0",
+                        "--step-counts", "1,2,4", "--rtc", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["step_counts"]) == ["1", "2", "4"] and report["rtc_delay"] == 1
+    for n, entry in report["step_counts"].items():
+        assert entry["action_expert_calls"] == int(n)
+        assert entry["fast"]["p50_ms"] > 0 and entry["fast_rtc"]["p50_ms"] > 0
+        assert entry["speedup_vs_4_steps"] > 0
+    assert report["step_counts"]["4"]["speedup_vs_4_steps"] == 1.0

@@ -132,3 +132,82 @@ def test_compile_reaches_the_policy(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         mwe.evaluate(str(tmp_path), TASK, episodes=1, workers=0, video_episodes=0, progress=False, compile=True)
     assert seen["compile"] is True
+
+
+class _Continuing(_Recorder):
+    """A real-time-chunking policy stand-in: returns the same chunk, its first d rows replaced by the previous chunk's
+    (as `FastWAMPolicy` pins them), and records what it was given."""
+
+    realtime_chunking = True
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon)
+        self.given: list = []
+
+    def act(self, obs, specs, mode, want_video, realtime=None):
+        self.seen += [np.asarray(o["state"]) for o in obs]
+        self.given += list(realtime) if realtime is not None else [None] * len(obs)
+        out = []
+        for i in range(len(obs)):
+            chunk = self.chunk.copy()
+            if realtime is not None and realtime[i] is not None:
+                prev, d = realtime[i]
+                chunk[:d] = prev[:d]
+            out.append({"actions": chunk})
+        return out
+
+
+@pytest.mark.parametrize("chunking", ["naive", "rtc"])
+def test_async_execution_runs_the_old_chunk_during_inference_and_continues_it(chunking, tmp_path):
+    k, d, steps = 8, 4, 24
+    rec = _Continuing()
+    res = mwe.evaluate(rec, TASK, episodes=1, seeds=[0], replan=k, max_steps=steps, workers=0, video_episodes=0,
+                       num_envs=1, progress=False, chunking=chunking, inference_delay=d, out_dir=tmp_path)
+    assert res["config"]["chunking"] == chunking and res["config"]["inference_delay"] == d
+    assert res["config"]["obs_delay"] == d  # the observation is d steps old when the new chunk takes over
+    # The first chunk is planned at rest (nothing to continue); every later one is given the old chunk from the
+    # observation's time on (plan[lag + k - d:], lag = 0 for the first plan, d after) and d.
+    if chunking == "naive":
+        assert rec.given == [None] * 3
+    else:
+        assert rec.given[0] is None
+        for call, (prev, delay) in enumerate(rec.given[1:], start=1):
+            lag = 0 if call == 1 else d
+            assert delay == d
+            np.testing.assert_array_equal(prev, rec.chunk[lag + k - d:])
+    # Executed: chunk[0:k], then chunk[d:d+k] per later plan; the smoothness summary is measured on exactly those.
+    segs = [rec.chunk[0:k]] + [rec.chunk[d:d + k]] * 2
+    seam = np.mean([np.linalg.norm(b[0] - a[-1]) for a, b in zip(segs, segs[1:])])
+    within = np.mean(np.concatenate([np.linalg.norm(np.diff(s, axis=0), axis=1) for s in segs]))
+    smooth = res["summary"]["fast"]["smoothness"]
+    assert smooth["seams"] == 2
+    assert smooth["seam_jump"] == pytest.approx(seam) and smooth["within_chunk_jump"] == pytest.approx(within)
+
+
+def test_sync_execution_is_todays_evaluation_exactly(tmp_path):
+    k, steps = 8, 24
+    runs = {}
+    for name, kw in {"today": {}, "sync0": dict(chunking="sync"), "sync4": dict(chunking="sync", inference_delay=4)
+                     }.items():
+        rec = _Recorder()
+        res = mwe.evaluate(rec, TASK, episodes=2, seeds=[0], replan=k, max_steps=steps, workers=0, video_episodes=0,
+                           num_envs=1, progress=False, **kw)
+        runs[name] = ([{k: v for k, v in c.items() if k != "latency"} for c in res["cells"]], rec.seen)
+    for name in ("sync0", "sync4"):  # the robot waits: the delay costs no motion
+        assert runs[name][0] == runs["today"][0]
+        np.testing.assert_array_equal(np.stack(runs[name][1]), np.stack(runs["today"][1]))
+
+
+def test_async_options_are_validated():
+    rec = _Recorder(horizon=16)
+    kw = dict(episodes=1, replan=8, workers=0, video_episodes=0, progress=False)
+    with pytest.raises(ValueError, match="inference_delay must be in"):
+        mwe.evaluate(rec, TASK, chunking="naive", inference_delay=8, **kw)
+    with pytest.raises(ValueError, match="needs asynchronous execution"):
+        mwe.evaluate(rec, TASK, inference_delay=2, **kw)
+    with pytest.raises(ValueError, match="one delay"):
+        mwe.evaluate(rec, TASK, chunking="naive", inference_delay=2, obs_delay=2, **kw)
+    with pytest.raises(ValueError, match="real-time chunking"):  # this adapter cannot continue a chunk
+        mwe.evaluate(rec, TASK, chunking="rtc", inference_delay=2, **kw)
+    with pytest.raises(ValueError, match="unknown chunking"):
+        mwe.evaluate(rec, TASK, chunking="smooth", **kw)

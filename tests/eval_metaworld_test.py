@@ -320,3 +320,25 @@ def test_hierarchical_bootstrap_single_rate_and_errors():
     for bad in ([1.5, 0.0], [float("nan"), 0.0], [-0.1, 0.0]):
         with pytest.raises(ValueError, match=r"in \[0, 1\]"):
             stats.hierarchical_bootstrap([{"a": bad}])
+
+
+def test_real_time_chunking_in_process_equals_over_the_wire(tiny_checkpoint, tmp_path):
+    """--async --chunking rtc with a checkpoint: the policy continues the old chunk (in process and through
+    `fastwam serve`, which must give the same episodes), and --steps reaches the policy."""
+    from fastwam.policy import FastWAMPolicy
+    from fastwam.serving.server import PolicyServer
+
+    policy = FastWAMPolicy.from_pretrained(tiny_checkpoint, device="cpu")
+    kw = dict(episodes=2, seeds=[0], max_steps=12, workers=0, num_envs=2, video_episodes=0, progress=False,
+              chunking="rtc", inference_delay=1)
+    local = mwe.evaluate(policy, TASK, out_dir=tmp_path / "local", **kw)
+    with PolicyServer(policy, "127.0.0.1", 0, max_batch=8, batch_timeout_ms=2) as server:
+        remote = mwe.evaluate(None, TASK, out_dir=tmp_path / "remote", server=f"ws://127.0.0.1:{server.port}", **kw)
+    for a, b in zip(local["cells"], remote["cells"]):
+        assert a["episode_length"] == b["episode_length"] and a["episode_max_reward"] == b["episode_max_reward"]
+    smooth = local["summary"]["fast"]["smoothness"]
+    assert smooth == remote["summary"]["fast"]["smoothness"] and smooth["seams"] > 0
+    assert np.isfinite(smooth["seam_jump"]) and local["config"]["chunking"] == "rtc"
+    one = mwe.evaluate(str(tiny_checkpoint), TASK, episodes=1, seeds=[0], max_steps=4, workers=0, num_envs=1,
+                       video_episodes=0, progress=False, steps=1)
+    assert one["config"]["inference_steps"] == 1

@@ -30,6 +30,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "videos"): ("fastwam.data.videos:cli", "a folder of videos -> an action-free LeRobot v3.0 dataset"),
     ("train",): ("fastwam.train:cli", "train a policy (any preset / variant) on a LeRobot dataset"),
     ("pretrain",): ("fastwam.train:pretrain_cli", "pretrain a video prior (the video expert alone) on video"),
+    ("distill",): ("fastwam.train:distill_cli", "a few-step action sampler distilled from a trained run"),
     ("serve",): ("fastwam.serving.serve_cli:main", "serve a checkpoint over the openpi websocket protocol"),
     ("eval", "metaworld"): ("fastwam.eval.metaworld:cli", "closed-loop Meta-World evaluation of a checkpoint"),
     ("eval", "libero"): ("fastwam.eval.libero:cli", "LIBERO evaluation client (talks to `fastwam serve`)"),

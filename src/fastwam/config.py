@@ -175,6 +175,15 @@ class TrainConfig:
     # Recorded when the run starts (not options): the source checkpoint's step and the sha256 of its weights file.
     init_from_step: int = 0
     init_from_sha256: str = ""
+    # Few-step distillation (`fastwam distill`, `training/distill.py`): the run is a student of the teacher run
+    # `distill_from` (a checkpoint directory), trained to sample in `distill_steps` Euler steps (its inference.steps)
+    # what the teacher samples in `distill_teacher_steps`; only the action expert trains. 0 = not distilling.
+    distill_from: str = ""
+    distill_steps: int = 0
+    distill_teacher_steps: int = 10
+    # Recorded when the run starts (not options): the teacher checkpoint's step and the sha256 of its weights file.
+    distill_teacher_step: int = 0
+    distill_teacher_sha256: str = ""
     fsdp: bool = False  # multi-GPU: shard with FSDP2 (fully_shard) instead of DDP (the 5B preset)
     random_shift: int = 0  # augmentation: random translation of the clip's frames by up to N pixels
     ema_decay: float = 0.0  # 0 = no EMA (the official code has none)

@@ -32,6 +32,7 @@ from fastwam.loading import model_from_weights, resolve_dtype
 from fastwam.lru import LRUCache
 from fastwam.model.encoders import build_codec, build_text_encoder
 from fastwam.model.fastwam import FastWAM
+from fastwam.model.rtc import DEFAULT_MAX_GUIDANCE, ActionGuide, rtc_weights
 from fastwam.model.visibility import MODE_RULES, get_variant
 from fastwam.serving.protocol import as_text
 
@@ -95,13 +96,18 @@ class FastWAMPolicy:
         max_prompt_chars: int = MAX_PROMPT_CHARS,
         text_cache_entries: int = 1024,
         text_cache_mb: float = 256.0,
+        steps: int | None = None,
     ):
         """`checkpoint`: a display name for `metadata` (never a path: metadata goes to every client);
         `checkpoint_info`: its step / sha256 (`validate.checkpoint_identity`). `max_image_side` (0 =
         `default_max_image_side`) and `max_prompt_chars`: the limits `metadata` declares to clients. The
         prompt-embedding cache keeps at most `text_cache_entries` prompts and `text_cache_mb` MiB (least recently
-        used go first)."""
+        used go first). `steps`: Euler denoising steps per chunk (default: the checkpoint's `inference.steps`, which a
+        distilled run sets to the step count it was made for)."""
         self.cfg = cfg
+        self.steps = int(steps) if steps else int(cfg.inference.steps)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(self.device, self.dtype).eval()
@@ -130,7 +136,7 @@ class FastWAMPolicy:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, mode: str | None = None, device: str | None = None, seed: int = 0, use_ema: bool = True,
-        dtype: str | torch.dtype = "auto", compile: bool = False, **limits,
+        dtype: str | torch.dtype = "auto", compile: bool = False, steps: int | None = None, **limits,
     ) -> FastWAMPolicy:
         """Load a checkpoint directory (or a run directory: its latest checkpoint) from local disk only.
 
@@ -138,6 +144,7 @@ class FastWAMPolicy:
         dimensions, complete and finite weights, and one blank inference. A bad checkpoint raises
         `CheckpointError` with one line naming the file and field, instead of failing every request later.
         `limits` (max_image_side, max_prompt_chars, text_cache_entries, text_cache_mb) go to the constructor.
+        `steps`: denoising steps per chunk (default: the checkpoint's).
         """
 
         checked = validate.load_checked(path, use_ema=use_ema)
@@ -146,7 +153,7 @@ class FastWAMPolicy:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         policy = cls(checked.config, model, checked.norm_stats, mode=mode, device=device, seed=seed,
                      checkpoint=checked.identity["name"], dtype=dtype, compile=compile,
-                     checkpoint_info=checked.identity, **limits)
+                     checkpoint_info=checked.identity, steps=steps, **limits)
         validate.check_inference(policy, checked.path)
         return policy
 
@@ -165,7 +172,10 @@ class FastWAMPolicy:
             "mode": self.mode,
             "modes": list(MODE_RULES),
             "variant": self.cfg.train.variant,
-            "inference_steps": self.cfg.inference.steps,
+            "inference_steps": self.steps,
+            # Real-time chunking: a request may carry `prev_chunk` (the previous chunk's actions from the
+            # observation's time on, [L, A]) and `inference_delay` (how many of them run while this one is computed).
+            "realtime_chunking": True,
             # Actions are predicted at the dataset's control rate; video frames are `frame_stride` steps apart.
             "frame_stride": self.cfg.data.frame_stride,
             # A name, step and content hash, never a path: metadata is sent to every client.
@@ -226,13 +236,20 @@ class FastWAMPolicy:
             raise ValueError(f"{PROMPT_KEY!r} must be a non-empty string")
 
     @torch.no_grad()
-    def infer_batch(self, observations: list[dict], mode: str | None = None, return_video: bool = False) -> list[dict]:
+    def infer_batch(
+        self, observations: list[dict], mode: str | None = None, return_video: bool = False, *,
+        prev_chunks: list | None = None, inference_delays: list[int] | None = None, steps: int | None = None,
+    ) -> list[dict]:
+        """Action chunks for a batch of observations (see `infer`). `prev_chunks` / `inference_delays`: one entry per
+        observation (None / 0 for plain sampling)."""
         mode = mode or self.mode
         self._check_mode(mode)
         if not observations:
             return []
         for obs in observations:
             self.validate(obs)
+        steps = self._check_steps(steps)
+        guide, pinned = self._guide(len(observations), prev_chunks, inference_delays, mode)
         t0 = time.perf_counter()
         sizes = camera_sizes(self.cfg.data, len(self.camera_keys))
         frames = torch.stack([
@@ -248,12 +265,14 @@ class FastWAMPolicy:
         m = self.cfg.model
         noise = [self._noise(first) for _ in observations]
         out = self.model.sample(
-            first, text, state, mode=mode, steps=self.cfg.inference.steps, shift=self.cfg.inference.shift,
+            first, text, state, mode=mode, steps=steps, shift=self.cfg.inference.shift, guide=guide,
             action_noise=torch.cat([a for a, _ in noise]).to(self.device),
             video_noise=None if mode == "fast" else torch.cat([v for _, v in noise]).to(self.device),
             return_video=return_video,
         )
         actions = self.normalizer.unnormalize("action", out.actions.float().cpu()).numpy().astype(np.float32)
+        for i, prev, d in pinned:  # exactly what runs meanwhile (no round trip through the normaliser)
+            actions[i, :d] = prev[:d]
         infer_ms = (time.perf_counter() - t0) * 1000
         results = []
         for i in range(len(observations)):
@@ -265,8 +284,71 @@ class FastWAMPolicy:
             results.append(res)
         return results
 
-    def infer(self, obs: dict, mode: str | None = None, return_video: bool = False) -> dict:
-        return self.infer_batch([obs], mode=mode, return_video=return_video)[0]
+    def infer(self, obs: dict, mode: str | None = None, return_video: bool = False, *,
+              prev_chunk: np.ndarray | None = None, inference_delay: int = 0, steps: int | None = None) -> dict:
+        """One observation -> {"actions": [Ha, A] un-normalised, ...}.
+
+        Real-time chunking (`model/rtc.py`): `prev_chunk` holds the previous chunk's actions from the time of `obs`
+        on ([L, A], L <= Ha, un-normalised, as this policy returned them), `inference_delay` d how many of them the
+        robot executes while this chunk is computed. The new chunk's first d actions are exactly those, and the rest
+        of the overlap is guided to continue them. d = 0 (or no `prev_chunk`) is plain sampling, bit for bit.
+        `steps`: denoising steps for this call (default: the policy's).
+        """
+        return self.infer_batch([obs], mode=mode, return_video=return_video, prev_chunks=[prev_chunk],
+                                inference_delays=[inference_delay], steps=steps)[0]
+
+    def _check_steps(self, steps: int | None) -> int:
+        if steps is None:
+            return self.steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= 1000:
+            raise ValueError(f"steps must be an integer in 1..1000, got {steps!r}")
+        return int(steps)
+
+    def check_realtime(self, prev_chunk, inference_delay) -> tuple[np.ndarray | None, int]:
+        """Validate one request's real-time-chunking fields -> (prev_chunk float32 [L, A] or None, delay)."""
+        m = self.cfg.model
+        d = inference_delay if inference_delay is not None else 0
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"inference_delay must be a non-negative integer, got {inference_delay!r}")
+        if prev_chunk is None:
+            if d:
+                raise ValueError("inference_delay > 0 needs prev_chunk (the actions that run meanwhile)")
+            return None, 0
+        prev = np.asarray(prev_chunk)
+        if prev.dtype.kind not in "fiu":
+            raise ValueError(f"prev_chunk must be numeric, got dtype {prev.dtype}")
+        if prev.ndim != 2 or prev.shape[1] != m.action_dim or not 1 <= prev.shape[0] <= m.action_horizon:
+            raise ValueError(f"prev_chunk must have shape [L, {m.action_dim}] with 1 <= L <= {m.action_horizon}, "
+                             f"got {list(prev.shape)}")
+        if not np.isfinite(prev).all():
+            raise ValueError("prev_chunk contains NaN or inf")
+        if d > prev.shape[0]:
+            raise ValueError(f"inference_delay ({d}) exceeds prev_chunk's length ({prev.shape[0]})")
+        return prev.astype(np.float32), int(d)
+
+    def _guide(self, n: int, prev_chunks, delays, mode: str) -> tuple[ActionGuide | None, list]:
+        """The batch's `ActionGuide` (None when no observation carries a previous chunk to continue) and the pinned
+        actions [(index, prev_chunk, delay)]."""
+        prev_chunks = list(prev_chunks) if prev_chunks is not None else [None] * n
+        delays = list(delays) if delays is not None else [0] * n
+        if len(prev_chunks) != n or len(delays) != n:
+            raise ValueError(f"prev_chunks / inference_delays need one entry per observation ({n})")
+        checked = [self.check_realtime(p, d) for p, d in zip(prev_chunks, delays)]
+        # d = 0 is plain sampling: nothing runs during inference, so there is nothing the new chunk must continue.
+        pinned = [(i, p, d) for i, (p, d) in enumerate(checked) if p is not None and d > 0]
+        if not pinned:
+            return None, []
+        if mode == "joint":
+            raise ValueError("real-time chunking (prev_chunk with inference_delay > 0) needs mode fast or idm")
+        m = self.cfg.model
+        target = torch.zeros(n, m.action_horizon, m.action_dim)
+        weights = torch.zeros(n, m.action_horizon)
+        for i, (prev, d) in enumerate(checked):
+            if prev is None or d == 0:
+                continue
+            target[i, : len(prev)] = self.normalizer.normalize("action", torch.from_numpy(prev))
+            weights[i] = rtc_weights(m.action_horizon, len(prev), d)
+        return ActionGuide(target, weights, torch.tensor([d for _, d in checked]), DEFAULT_MAX_GUIDANCE), pinned
 
     def _embed(self, prompt: str) -> torch.Tensor:
         """The prompt's text embedding, through the bounded LRU (`text_cache`) rather than the encoder's own cache,

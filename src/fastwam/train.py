@@ -32,7 +32,7 @@ from fastwam.model.encoders import build_codec, build_text_encoder
 from fastwam.model.fastwam import FastWAM, TrainingNoise
 from fastwam.model.visibility import get_variant
 from fastwam.presets import PresetArgs, parse_with_preset
-from fastwam.training import monitor, runs
+from fastwam.training import distill, monitor, runs
 from fastwam.training.distributed import Dist, any_rank, barrier, init_distributed, mean_across_ranks, wrap_model
 from fastwam.training.steps import (
     MixedBatches,
@@ -148,6 +148,7 @@ class _Trainer:
     norm_stats: dict | None
     mix: Any = None  # MixedBatches when co-training with an action-free dataset
     video_dataset: Any = None
+    teacher: FastWAM | None = None  # distillation (`fastwam distill`): the frozen teacher
     timers: dict = field(default_factory=lambda: dict.fromkeys(
         ("data", "compute", "log", "checkpoint", "validation", "samples"), 0.0))
 
@@ -205,6 +206,9 @@ def _set_up(cfg: Config, ckpt: Path | None, dataset, val_dataset, accept_changes
         if cfg.train.variant == "video":
             raise UserError("--init-from starts a policy from a video prior; `fastwam pretrain` starts from scratch")
         cfg = init_from.recorded_source(cfg, saved) if saved is not None else init_from.adopt_source(cfg, d.main)
+    if cfg.train.distill_steps:
+        distill.check_settings(cfg)
+        cfg = distill.recorded_teacher(cfg, saved) if saved is not None else distill.adopt_teacher(cfg)
     if saved is not None:
         cfg = runs.resume_codec(cfg, saved)
     video_only = cfg.train.variant == "video"
@@ -276,13 +280,27 @@ def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: 
                 print(f"init-from {tc.init_from} (step {tc.init_from_step}): {len(report['copied'])} tensors copied, "
                       f"{len(report['interpolated'])} interpolated, {len(report['random'])} random", file=sys.stderr)
     model.grad_checkpointing = tc.grad_checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    teacher = None
+    if tc.distill_steps:  # a student: a copy of the teacher (a new run) whose action expert alone trains
+        teacher, teacher_ckpt = distill.load_teacher(cfg, device)
+        if from_wan:
+            distill.initialise_student(model, teacher_ckpt)
+        trained = distill.freeze_all_but_action(model)
+        if d.main:
+            distill.announce(cfg, teacher_ckpt, trained, sum(p.numel() for p in model.parameters()))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_decay > 0 else None
+    if teacher is not None and ema is not None and from_wan:
+        distill.initialise_student(ema, teacher_ckpt, ema=True)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", cfg.to_json())
+    wrapped = wrap_model(model, tc.fsdp, d, device) if teacher is None else distill.wrap_student(model, d.world, device)
     return _Trainer(cfg, d, device, run_dir, dataset, val_dataset, codec, text_encoder, model, ema, optimizer,
-                    wrap_model(model, tc.fsdp, d, device), stats_dict(dataset))
+                    wrapped, stats_dict(dataset), teacher=teacher)
 
 
 def _resume(t: _Trainer, ckpt: Path) -> int:
@@ -355,6 +373,8 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
         mb = {k: (v[sl] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in global_batch.items()}
         mb["video"] = random_shift(mb["video"], tc.random_shift, step_generator(tc.seed, step, 1 + a))
         inputs = prepare_batch(mb, t.codec, t.text_encoder, t.device)
+        if noise is None and t.teacher is not None:
+            noise = distill.draw_noise(t.cfg, gen)  # the action noise the teacher starts from
         if noise is None:
             # One draw for the whole global batch; this rank's micro-batch takes its slice.
             video_shape = (tc.batch_size, *inputs["latents"].shape[1:])
@@ -364,10 +384,14 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
         sync = contextlib.nullcontext() if (a == tc.grad_accum - 1 or d.world == 1) else t.wrapped.no_sync()
         autocast = torch.autocast(t.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with sync, autocast:
-            # Whether the action stream runs is decided for the whole global batch, so every rank runs the same
-            # modules (DDP): only a video prior's objective skips it.
-            out = t.wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), t.device),
-                            run_actions=variant.action_loss_weight > 0)
+            if t.teacher is not None:  # distillation: the student's steps against the teacher's trajectory
+                out = distill.student_loss(t.teacher, t.wrapped, inputs, noise[start : start + micro].to(t.device),
+                                           t.cfg)
+            else:
+                # Whether the action stream runs is decided for the whole global batch, so every rank runs the same
+                # modules (DDP): only a video prior's objective skips it.
+                out = t.wrapped(**inputs, variant=variant, noise=_to(noise.slice(start, start + micro), t.device),
+                                run_actions=variant.action_loss_weight > 0)
             (out.total / tc.grad_accum).backward()
         totals += torch.stack([out.total.detach(), out.video, out.action]).float() / tc.grad_accum
     if not torch.isfinite(totals).all():
@@ -380,7 +404,8 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
     if t.ema is not None:
         with torch.no_grad():
             for pe, pm in zip(t.ema.parameters(), t.model.parameters()):
-                pe.lerp_(pm.detach(), 1 - tc.ema_decay)
+                if pm.requires_grad:  # (all but a distilled student's frozen video expert)
+                    pe.lerp_(pm.detach(), 1 - tc.ema_decay)
     totals = mean_across_ranks(totals, d)
     t.timers["compute"] += time.perf_counter() - clock
     return totals, lr, float(grad_norm)
@@ -424,7 +449,8 @@ class _Log:
         self.metrics = runs.MetricsLog(t.run_dir / "metrics.jsonl", start) if t.d.main else None
         self.writer = monitor.summary_writer(t.run_dir, tc.wandb, purge_step=start + 1) if t.d.main else None
         self.bar = tqdm(total=tc.steps, initial=start, disable=not show_bar, dynamic_ncols=True,
-                        desc=f"train {tc.variant}", unit="step")
+                        desc=f"distill {tc.distill_steps}-step" if tc.distill_steps else f"train {tc.variant}",
+                        unit="step")
         self.window_start, self.window_first = time.perf_counter(), start  # it/s over the steps since the last log
 
     def train_step(self, done: int, totals: torch.Tensor, lr: float, grad_norm: float) -> dict:
@@ -586,3 +612,78 @@ def pretrain_cli(argv: list[str], prog: str = "fastwam pretrain") -> int:
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, variant="video"),
                       model=dataclasses.replace(cfg.model, action_expert=False))
     return _run(cfg, args, prog)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `fastwam distill`: a few-step sampler from a trained run (the method: training/distill.py)
+
+
+@dataclass
+class DistillArgs:
+    """Distill a trained Fast-WAM policy (the teacher) into a few-step sampler: a copy of it whose action expert alone
+    trains so that N Euler steps land where the teacher's --teacher-steps land. The result is an ordinary run whose
+    inference.steps is N (`fastwam serve` / `eval` use it as it is); the video expert and its cached prefix are the
+    teacher's, unchanged."""
+
+    checkpoint: str  # the teacher: a `fastwam train` run directory or checkpoint directory (or hf://...)
+    out: str = "runs/distill"  # the student's run directory (checkpoints, tensorboard, metrics.jsonl)
+    steps: int = 1  # the student's Euler sampling steps N (its inference.steps), 1 <= N < the teacher's steps
+    # Fine Euler steps of the teacher's path the student learns (default: the teacher's inference.steps).
+    teacher_steps: Annotated[int | None, tyro.conf.arg(metavar="T")] = None
+    train_steps: int = 500  # optimisation steps
+    # Peak learning rate (default: the teacher's train.lr); warm-up and cosine as in training.
+    lr: Annotated[float | None, tyro.conf.arg(metavar="LR")] = None
+    batch_size: Annotated[int | None, tyro.conf.arg(metavar="B")] = None  # global batch (default: the teacher's)
+    dataset: str = ""  # LeRobot dataset the observations come from (default: the teacher's config.data.dataset)
+    synthetic: bool = False  # observations from the built-in synthetic dataset (smoke test)
+    resume: bool = False  # continue the run in --out from its latest checkpoint (an error if it has none)
+    auto_resume: bool = False  # resume when --out holds a checkpoint, else start there
+    accept_changes: bool = False  # with --resume: continue under this command's settings where they differ
+    progress: bool = True  # show a progress bar
+
+
+def distill_cli(argv: list[str], prog: str = "fastwam distill") -> int:
+    args = tyro.cli(DistillArgs, args=argv, prog=prog)
+    if args.resume and args.auto_resume:
+        raise UserError("give --resume or --auto-resume, not both")
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: the student needs at least one sampling step")
+    if args.train_steps < 1:
+        raise UserError(f"--train-steps must be a positive number of optimisation steps, got {args.train_steps}")
+    ckpt = distill.teacher_checkpoint(args.checkpoint)
+    teacher_cfg = ckpt_io.load_config(ckpt)
+    distill.check_teacher(teacher_cfg, args.checkpoint)
+    teacher_steps = args.teacher_steps if args.teacher_steps is not None else teacher_cfg.inference.steps
+    if teacher_steps < 1:
+        raise UserError(f"--teacher-steps {teacher_steps}: the teacher needs at least one step")
+    if args.steps >= teacher_steps:
+        raise UserError(f"--steps {args.steps}: a distilled sampler takes fewer steps than its teacher's "
+                        f"{teacher_steps} (--teacher-steps)")
+    cfg = distill.student_config(teacher_cfg, distill.recorded_path(args.checkpoint), args.steps, teacher_steps,
+                                 args.train_steps, args.lr, args.batch_size, args.dataset or None)
+    if args.synthetic:
+        from fastwam.data.synthetic import SyntheticClips
+
+        dataset = SyntheticClips(cfg.data, num_clips=128)
+    elif not cfg.data.dataset:
+        raise UserError(f"the teacher {ckpt} names no dataset: give --dataset DIR (a LeRobot v3.0 dataset)")
+    else:
+        from fastwam.data.clips import ClipDataset
+        from fastwam.data.normalize import NormStats
+
+        stats = ckpt_io.load_norm_stats(ckpt)
+        if stats is None:
+            raise UserError(f"{ckpt / ckpt_io.NORM_STATS} is missing: the teacher's normalisation is needed")
+        # The teacher's normalisation, whatever the dataset: the student acts in the teacher's action space.
+        dataset = ClipDataset(cfg.data, split="train", stats=NormStats.from_dict(stats))
+    resume = "auto" if args.auto_resume else args.resume
+    result = train(cfg, args.out, resume=resume, dataset=dataset, progress=args.progress,
+                   accept_changes=args.accept_changes)
+    if result.losses:
+        print(f"step {result.step}: distill loss {result.losses[-1]['loss']:.6f}")
+    print(f"checkpoint: {result.checkpoint} ({args.steps}-step sampler)")
+    if result.interrupted:
+        print(f"{prog}: interrupted at step {result.step}; saved {result.checkpoint} — continue with the same "
+              "command plus --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -5,6 +5,11 @@ frame with the preset's codec (pixel / DCT; for the Wan VAE preset the latents a
 "model forward only" numbers) and the full `FastWAM.sample` (prefill + denoising loop). Text embeddings are cached
 per instruction in real use, so they are excluded. CUDA timings synchronise before reading the clock.
 
+--step-counts 1,2,4,10: the fast path timed at each denoising step count, side by side (`step_counts` in the JSON:
+p50 per N, the speed-up over the largest N, and the action-expert calls per chunk, which is N: the FLOPs of the
+denoising loop scale with it). --rtc adds each N with real-time-chunking guidance (`model/rtc.py`; one vector-Jacobian
+product per step, so a guided step costs about a forward and a backward of the action expert).
+
 --compile: `FastWAM.compile_inference` (CUDA graphs on GPU). The first call per mode (compilation) is reported apart
 as `first_call_s`, and each mode's compiled actions are compared with the eager ones (`max_abs_diff_vs_eager`).
 """
@@ -34,6 +39,9 @@ class LatencyArgs:
     config_file: str = ""  # time this config instead of the preset: a run's config.json, or an ablation.json
     modes: str = "fast,joint,idm"
     steps: int = 10
+    # Also time the fast path at each of these step counts, side by side (e.g. 1,2,4,10); empty = only --steps.
+    step_counts: str = ""
+    rtc: bool = False  # with --step-counts: also time real-time-chunking guided sampling (delay = a quarter chunk)
     batch: int = 1
     warmup: int = 3
     iters: int = 20
@@ -101,35 +109,63 @@ def run(args: LatencyArgs) -> dict:
                            video_noise=video_noise)
         return out.actions.float().cpu()  # the caller needs the actions on the host
 
+    def timed(fn) -> tuple[torch.Tensor, dict]:
+        t0 = time.perf_counter()
+        actions = fn()  # the first call compiles (with --compile) and allocates
+        first_call_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - t0) * 1000)
+        return actions, {
+            "p50_ms": round(statistics.median(times), 3),
+            "p90_ms": round(_percentile(times, 0.9), 3),
+            "mean_ms": round(statistics.fmean(times), 3),
+            "first_call_s": round(first_call_s, 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
+        }
+
     modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    counts = [int(x) for x in args.step_counts.split(",") if x.strip()]
+    if any(n < 1 for n in counts):
+        raise SystemExit(f"--step-counts must be positive integers, got {args.step_counts!r}")
     eager_actions = {}
     if args.compile:  # the compiled graphs must give the eager actions (to rounding) before their speed counts
         eager_actions = {mode: once(mode) for mode in modes}
         model.compile_inference()
     results = {}
     for mode in modes:
-        t0 = time.perf_counter()
-        actions = once(mode)  # the first call compiles (with --compile) and allocates
-        first_call_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            once(mode)
-        times = []
-        for _ in range(args.iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            once(mode)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - t0) * 1000)
-        results[mode] = {
-            "p50_ms": round(statistics.median(times), 3),
-            "p90_ms": round(_percentile(times, 0.9), 3),
-            "mean_ms": round(statistics.fmean(times), 3),
-            "first_call_s": round(first_call_s, 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
-        }
+        actions, results[mode] = timed(lambda mode=mode: once(mode))
         if mode in eager_actions:
             results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
+    sweep = {}
+    if counts:
+        from fastwam.model.rtc import ActionGuide, rtc_weights
+
+        h = m.action_horizon
+        delay = max(1, h // 4)
+        guide = ActionGuide(torch.randn(args.batch, h, m.action_dim, device=device, dtype=dtype),
+                            rtc_weights(h, h // 2 + delay, delay).expand(args.batch, h).to(device, dtype),
+                            torch.full((args.batch,), delay, device=device))
+        for n in counts:
+            def sample(n=n, g=None):
+                first = codec.encode(frame) if codec is not None else latent
+                return model.sample(first, text, state, mode="fast", steps=n, action_noise=action_noise,
+                                    guide=g).actions.float().cpu()
+
+            entry = {"action_expert_calls": n, "fast": timed(sample)[1]}
+            if args.rtc:
+                entry["fast_rtc"] = timed(lambda n=n: sample(n, guide))[1]
+            sweep[str(n)] = entry
+        most = str(max(counts))
+        for entry in sweep.values():
+            entry["speedup_vs_%s_steps" % most] = round(sweep[most]["fast"]["p50_ms"] / entry["fast"]["p50_ms"], 2)
     report = {
         "benchmark": "latency",
         "preset": cfg.name,
@@ -143,6 +179,9 @@ def run(args: LatencyArgs) -> dict:
         "machine": machine_info(device, dtype),
         "modes": results,
     }
+    if sweep:
+        report["step_counts"] = sweep
+        report["rtc_delay"] = max(1, m.action_horizon // 4) if args.rtc else None
     if "fast" in results:
         report["speedup_vs_fast"] = {
             k: round(v["p50_ms"] / results["fast"]["p50_ms"], 2) for k, v in results.items() if k != "fast"
@@ -161,4 +200,7 @@ def cli(argv: list[str], prog: str = "fastwam bench latency") -> int:
     else:
         for mode, r in report["modes"].items():
             print(f"{mode:>6}: p50 {r['p50_ms']:.2f} ms  p90 {r['p90_ms']:.2f} ms")
+        for n, r in report.get("step_counts", {}).items():
+            rtc = f"  (rtc p50 {r['fast_rtc']['p50_ms']:.2f} ms)" if "fast_rtc" in r else ""
+            print(f"fast, {n:>3} step(s): p50 {r['fast']['p50_ms']:.2f} ms{rtc}")
     return 0

@@ -43,7 +43,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from fastwam.errors import INTERRUPTED_EXIT
 from fastwam.eval.envpool import EnvPool, EnvSettings
@@ -116,6 +118,9 @@ def evaluate(
     shift: str = "none",
     obs_delay: int = 0,
     compile: bool = False,
+    steps: int | None = None,
+    inference_delay: int = 0,
+    chunking: str | None = None,
 ) -> dict:
     """Evaluate closed loop; returns the results dict (also written to out_dir/results.json when out_dir is given).
 
@@ -141,6 +146,13 @@ def evaluate(
     given the observation made d steps before the re-planning time, and the actions executed are those its chunk
     plans for "now", chunk[d : d + replan] (latency compensation, as on a real robot with a slow camera; the first
     chunk, planned while the robot is still, runs from index 0). It needs horizon >= d + replan.
+    steps: denoising steps per chunk of an in-process checkpoint (default: the checkpoint's).
+    chunking / inference_delay: asynchronous execution, as on a robot that keeps moving while it thinks: d =
+    `inference_delay` control steps pass while a chunk is computed, the previous chunk still executing. "sync": the
+    robot waits instead (today's behaviour; d costs no motion and is ignored); "naive": the new chunk takes over at
+    once, from its index d (the observation is d steps old); "rtc": the same, with real-time chunking (the policy is
+    given the old chunk's remaining actions, pins the first d and continues the rest; `FastWAMPolicy.infer`).
+    None = synchronous without the async bookkeeping. Results record `summary[mode]["smoothness"]` either way.
     Ctrl-C (in the main thread) stops early: the episodes finished so far are returned and written, with
     `results["partial"]` true; a second Ctrl-C raises KeyboardInterrupt at once.
     """
@@ -159,7 +171,18 @@ def evaluate(
     total_per_mode = len(task_list) * len(seed_list) * episodes
     slots = num_envs or 8
     slots = max(1, min(slots, total_per_mode))
-    adapter = _resolve_policy(policy_or_checkpoint, server, slots, horizon, device, policy_seed, compile)
+    if chunking not in (None, "sync", "naive", "rtc"):
+        raise ValueError(f"unknown chunking {chunking!r}; choose from sync, naive, rtc")
+    if chunking is None and inference_delay:
+        raise ValueError("inference_delay needs asynchronous execution: give chunking sync, naive or rtc")
+    if chunking is not None and obs_delay:
+        raise ValueError("obs_delay and asynchronous execution (chunking / inference_delay) are two views of one "
+                         "delay: give one")
+    if inference_delay < 0:
+        raise ValueError(f"inference_delay must be >= 0, got {inference_delay}")
+    if chunking in ("naive", "rtc"):
+        obs_delay = inference_delay  # the observation is d steps old when the new chunk takes over
+    adapter = _resolve_policy(policy_or_checkpoint, server, slots, horizon, device, policy_seed, compile, steps)
     previous_threads: int | None = None
     try:
         _check_seeds(adapter, task_list, seed_list)
@@ -167,8 +190,12 @@ def evaluate(
         if not 1 <= k <= adapter.horizon:
             raise ValueError(f"replan must be in 1..{adapter.horizon} (the policy's chunk length), got {k}")
         if not 0 <= obs_delay < k or obs_delay + k > adapter.horizon:
-            raise ValueError(f"obs_delay must be in 0..replan-1 ({k - 1}) with obs_delay + replan <= the chunk "
+            what = "inference_delay" if chunking else "obs_delay"
+            raise ValueError(f"{what} must be in 0..replan-1 ({k - 1}) with {what} + replan <= the chunk "
                              f"length ({adapter.horizon}), got {obs_delay}")
+        if chunking == "rtc" and not adapter.realtime_chunking:
+            raise ValueError(f"chunking rtc needs a policy that takes the previous chunk (real-time chunking); "
+                             f"{adapter.name} does not")
         from fastwam.envs.metaworld import VISUAL_SHIFTS
 
         if shift not in VISUAL_SHIFTS:
@@ -215,13 +242,15 @@ def evaluate(
                         if stop.requested:
                             break
                         runs.append(_run_mode(pool, adapter, m, task_list, seed_list, episodes, video_episodes, k,
-                                              slots, n_groups, out, bar, obs_delay, stop))
+                                              slots, n_groups, out, bar, obs_delay, stop, chunking or "sync"))
                 finally:
                     bar.close()
             results = _assemble(adapter, runs, modes, task_list, seed_list, episodes, k, max_steps, settings,
                                 slots, pool.workers, n_groups, pool.step_render_flag, pool_start_s,
                                 time.perf_counter() - t_start)
             results["config"].update(shift=shift, obs_delay=obs_delay, compile=compile)
+            if chunking is not None:
+                results["config"].update(chunking=chunking, inference_delay=inference_delay)
             if out is not None:  # results.json last: its presence means the evaluation ran (ablate's done marker)
                 outcome, timing = split_timing(results)
                 write_text_atomic(out / "summary.md", summary_markdown(results))
@@ -272,6 +301,13 @@ class EvalArgs:
     # idm 1.15x; the first calls of each batch shape compile; compiled actions equal eager ones to ~1e-6, see
     # `fastwam bench latency --compile`)
     compile: bool = False
+    steps: int = 0  # denoising steps per chunk (0 = the checkpoint's; a distilled run's is what it was made for)
+    # Asynchronous execution: the robot keeps executing the previous chunk while the next one is computed.
+    async_: Annotated[bool, tyro.conf.arg(name="async")] = False
+    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan-1)
+    # with --async: how the new chunk takes over: sync = the robot waits instead (today's behaviour), naive = switch at
+    # once, rtc = real-time chunking (the new chunk's first actions are those that ran, the rest continues them)
+    chunking: Literal["sync", "naive", "rtc"] = "rtc"
 
 
 def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
@@ -283,6 +319,9 @@ def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
               file=sys.stderr)
         return 2
     target = args.checkpoint if args.policy == "checkpoint" else args.policy
+    if not args.async_ and args.inference_delay:
+        print(f"{prog}: --inference-delay needs --async (asynchronous execution)", file=sys.stderr)
+        return 2
     results = evaluate(
         target, args.tasks, episodes=args.episodes, seeds=args.seeds, mode=args.mode or None,
         replan=args.replan or None, max_steps=args.max_steps, workers=args.workers, video_episodes=args.videos,
@@ -292,6 +331,8 @@ def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
         horizon=args.horizon or None, device=args.device or None, policy_seed=args.policy_seed,
         pipeline={"auto": None, "on": True, "off": False}[args.pipeline], threads=args.threads or None,
         progress=args.progress, shift=args.shift, obs_delay=args.obs_delay, compile=args.compile,
+        steps=args.steps or None, inference_delay=args.inference_delay,
+        chunking=args.chunking if args.async_ else None,
     )
     print(summary_markdown(results))
     if results["partial"]:

@@ -36,8 +36,11 @@ class _Adapter:
     in_worker: bool = False  # the scripted expert acts inside the env worker (it needs the simulator state)
     frame_stride: int = 1  # env steps between imagined frames
     info: dict = {}
+    realtime_chunking: bool = False  # takes the previous chunk and the inference delay (real-time chunking)
 
-    def act(self, obs: list[dict], specs: list[EpisodeSpec], mode: str, want_video: list[bool]) -> list[dict]:
+    def act(self, obs: list[dict], specs: list[EpisodeSpec], mode: str, want_video: list[bool],
+            realtime: list | None = None) -> list[dict]:
+        """`realtime`: per observation, None or (previous chunk from the observation's time on, inference delay)."""
         raise NotImplementedError
 
     def episode_started(self, slot: int, spec: EpisodeSpec) -> None:
@@ -114,18 +117,26 @@ class _InProcess(_Adapter):
                      "image_size_source": "dataset" if recorded else "model (dataset not found)"}
         self.demo_seeds = _demo_env_seeds(cfg)
         self.info["demo_seed_check"] = "no overlap" if self.demo_seeds is not None else "not checked (no dataset)"
+        self.realtime_chunking = bool(meta.get("realtime_chunking"))
 
-    def act(self, obs, specs, mode, want_video):
+    def act(self, obs, specs, mode, want_video, realtime=None):
         pobs = [_policy_obs(o, self.cameras) for o in obs]
+
+        def call(idx: list[int], **kw) -> list[dict]:
+            if realtime is not None and any(realtime[i] is not None for i in idx):
+                kw["prev_chunks"] = [None if realtime[i] is None else realtime[i][0] for i in idx]
+                kw["inference_delays"] = [0 if realtime[i] is None else realtime[i][1] for i in idx]
+            return self.policy.infer_batch([pobs[i] for i in idx], mode=mode, **kw)
+
         if mode == "fast" or not any(want_video):
-            return self.policy.infer_batch(pobs, mode=mode)
+            return call(list(range(len(obs))))
         # Only the recorded episodes need decoded video; one extra call keeps the others from paying for decoding.
         vid = [i for i, w in enumerate(want_video) if w]
         rest = [i for i, w in enumerate(want_video) if not w]
         out: list[dict] = [{}] * len(obs)
         for idx, rv in ((vid, True), (rest, False)):
             if idx:
-                for i, r in zip(idx, self.policy.infer_batch([pobs[i] for i in idx], mode=mode, return_video=rv)):
+                for i, r in zip(idx, call(idx, return_video=rv)):
                     out[i] = r
         return out
 
@@ -159,6 +170,7 @@ class _Server(_Adapter):
         # only misaligns the video's "really happened" row, never the results).
         self.frame_stride = int(meta.get("frame_stride", 1))
         self.info = {"server": self.url, "server_checkpoint": meta.get("checkpoint", "")}
+        self.realtime_chunking = bool(meta.get("realtime_chunking"))
         self.demo_seeds = None
         self.pool = ThreadPoolExecutor(max_workers=max(1, num_slots))
         self.server_infer_ms: list[float] = []
@@ -172,14 +184,18 @@ class _Server(_Adapter):
     def episode_started(self, slot, spec):
         self._client(slot).reset()  # openpi convention: tell the server an episode starts
 
-    def act(self, obs, specs, mode, want_video):
+    def act(self, obs, specs, mode, want_video, realtime=None):
         raise NotImplementedError("use act_slots")  # needs slot ids to pick the connection
 
-    def act_slots(self, slots: list[int], obs: list[dict], mode: str, want_video: list[bool]) -> list[dict]:
+    def act_slots(self, slots: list[int], obs: list[dict], mode: str, want_video: list[bool],
+                  realtime: list | None = None) -> list[dict]:
         def one(i: int) -> dict:
             message = _policy_obs(obs[i], self.cameras)
             if want_video[i] and mode != "fast":
                 message["return_video"] = True
+            rt = realtime[i] if realtime is not None else None
+            if rt is not None:  # what a real robot client sends (see WebsocketClient.infer)
+                return self._client(slots[i]).infer(message, mode=mode, prev_chunk=rt[0], inference_delay=rt[1])
             return self._client(slots[i]).infer(message, mode=mode)
 
         replies = list(self.pool.map(one, range(len(obs))))
@@ -199,7 +215,7 @@ class _Zero(_Adapter):
     def __init__(self, horizon: int):
         self.name, self.horizon, self.default_mode, self.modes = "zero", horizon, "zero", ("zero",)
 
-    def act(self, obs, specs, mode, want_video):
+    def act(self, obs, specs, mode, want_video, realtime=None):
         return [{"actions": np.zeros((self.horizon, ACTION_DIM), np.float32)} for _ in obs]
 
 
@@ -215,7 +231,7 @@ class _Random(_Adapter):
         self._rngs[spec] = np.random.default_rng(
             [self.seed, zlib.crc32(spec.task.encode()), spec.env_seed, spec.episode])
 
-    def act(self, obs, specs, mode, want_video):
+    def act(self, obs, specs, mode, want_video, realtime=None):
         return [{"actions": self._rngs[s].uniform(-1, 1, (self.horizon, ACTION_DIM)).astype(np.float32)}
                 for s in specs]
 
@@ -227,7 +243,8 @@ class _Scripted(_Adapter):
 
 
 def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: int, horizon: int | None,
-                    device: str | None, policy_seed: int, compile: bool = False) -> _Adapter:
+                    device: str | None, policy_seed: int, compile: bool = False,
+                    steps: int | None = None) -> _Adapter:
     if server:
         return _Server(server, num_slots)
     p = policy_or_checkpoint
@@ -238,7 +255,8 @@ def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: in
     if isinstance(p, (str, Path)):
         from fastwam.policy import FastWAMPolicy
 
-        return _InProcess(FastWAMPolicy.from_pretrained(p, device=device, seed=policy_seed, compile=compile))
+        return _InProcess(FastWAMPolicy.from_pretrained(p, device=device, seed=policy_seed, compile=compile,
+                                                        steps=steps))
     if isinstance(p, _Adapter):
         return p
     if hasattr(p, "infer_batch") and hasattr(p, "camera_keys") and hasattr(p, "metadata"):

@@ -83,6 +83,8 @@ def _assemble(adapter: _Adapter, runs: list[dict], modes: list[str], tasks: list
             "envs_built": run["overhead"].get("envs_built", 0),
             "skipped_resets": run["overhead"].get("skipped_resets", 0),
         }
+        if run.get("smoothness") is not None:  # executed-action jumps at chunk seams vs within chunks
+            summary[m]["smoothness"] = run["smoothness"]
     total_steps = sum(r["env_steps"] for r in runs)
     rollout_s = sum(r["rollout_s"] for r in runs)
     progress = {"episodes_done": done, "episodes_planned": planned} if partial else {}

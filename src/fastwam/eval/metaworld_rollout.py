@@ -78,11 +78,42 @@ class _SlotRun:
     obs: dict | None = None
     imagined: list = dataclasses.field(default_factory=list)  # (step, uint8 [F, H, W, 3]) per re-plan, if recorded
     steps: int = 0
+    plan: np.ndarray | None = None  # the last full chunk the policy returned (real-time chunking continues it)
+    plan_lag: int = 0  # index of `plan` the executed segment started at
+    sent: np.ndarray | None = None  # the segment sent to the env in the round in flight
+    segments: list = dataclasses.field(default_factory=list)  # the episode's executed segments (smoothness)
+
+
+class _Smoothness:
+    """Mean L2 jump between consecutive executed actions, at chunk seams vs within a chunk's segment.
+
+    A seam is the step from the last action executed from one chunk to the first from the next; a policy whose new
+    chunks continue the old ones has seam jumps like its within-chunk jumps, an abrupt switch has larger ones. Sums are
+    exactly rounded (`math.fsum`), so the means do not depend on the order episodes finish in (workers, env count),
+    and the means are kept to 6 decimals, like `episode_max_reward`'s 4: a server that batches concurrent requests
+    differently can change actions in their last bits without changing an episode.
+    """
+
+    def __init__(self):
+        self.seam: list[float] = []
+        self.within: list[float] = []
+
+    def add_episode(self, segments: list[np.ndarray]) -> None:
+        segments = [s.astype(np.float64) for s in segments if len(s)]
+        for j, seg in enumerate(segments):
+            if len(seg) > 1:
+                self.within += np.linalg.norm(np.diff(seg, axis=0), axis=1).tolist()
+            if j:
+                self.seam.append(float(np.linalg.norm(seg[0] - segments[j - 1][-1])))
+
+    def summary(self) -> dict:
+        mean = lambda xs: round(math.fsum(xs) / len(xs), 6) if xs else None  # noqa: E731
+        return {"seam_jump": mean(self.seam), "within_chunk_jump": mean(self.within), "seams": len(self.seam)}
 
 
 def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], seeds: list[int], episodes: int,
               videos: int, k: int, slots: int, groups: int, out: Path | None, bar: Any, delay: int = 0,
-              stop: Any = None) -> dict:
+              stop: Any = None, chunking: str = "sync") -> dict:
     """Roll out every episode of one mode (or, once `stop.requested` is set, the episodes that finish in the rounds
     already sent to the workers: the pool is left idle, and the episodes not finished are dropped).
 
@@ -91,6 +122,11 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
     this process runs the ONE batched policy call for block B (every env that is waiting for a chunk), and so on in
     turn; on a 2-core machine the policy and the simulators then overlap instead of waiting for each other. With 1
     group it is plain lock-step (all envs step, then one policy call for all).
+
+    `delay` d > 0: the observation is made d steps before the old segment ends, and those d steps run while the new
+    chunk is computed (asynchronous execution); the new chunk is then executed from index d. With `chunking` "rtc"
+    the policy is also given the old chunk's remaining actions and d (real-time chunking: the new chunk's first d
+    actions are the ones that ran, the rest continues them); otherwise it switches to the new chunk abruptly.
     """
     streams = _make_streams(tasks, seeds, episodes, videos, slots)
     runs = [_SlotRun() for _ in range(slots)]
@@ -102,6 +138,7 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
     want_imagined = mode in ("joint", "idm")
     reserved: dict[int, _Stream] = {}  # slot -> stream it starts if its running episode ends (in-flight rounds)
     overhead: dict[str, int] = {}  # envs built, layouts skipped by fast-forwarding
+    smooth = _Smoothness()
 
     def stopping() -> bool:
         return stop is not None and bool(stop.requested)
@@ -125,11 +162,17 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
             return {i: None for i in active}
         want = [bool(runs[i].spec.record and want_imagined) for i in active]  # type: ignore[union-attr]
         obs = [runs[i].obs for i in active]
+        realtime = None
+        if chunking == "rtc" and delay:
+            # The old chunk from the observation's time on: its first `delay` actions run while this call computes.
+            realtime = [(runs[i].plan[runs[i].plan_lag + k - delay:], delay)
+                        if runs[i].steps > 0 and runs[i].plan is not None else None for i in active]
         tc = time.perf_counter()
+        extra = {"realtime": realtime} if realtime is not None else {}  # adapters without it work unchanged
         if isinstance(adapter, _Server):
-            replies = adapter.act_slots(active, obs, mode, want)  # type: ignore[arg-type]
+            replies = adapter.act_slots(active, obs, mode, want, **extra)  # type: ignore[arg-type]
         else:
-            replies = adapter.act(obs, [runs[i].spec for i in active], mode, want)  # type: ignore[arg-type,misc]
+            replies = adapter.act(obs, [runs[i].spec for i in active], mode, want, **extra)  # type: ignore[arg-type,misc]
         calls.append({"ms": (time.perf_counter() - tc) * 1000, "batch": len(active),
                       "cells": sorted({(runs[i].spec.task, runs[i].spec.seed) for i in active})})  # type: ignore
         chunks: dict[int, np.ndarray | None] = {}
@@ -140,6 +183,7 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                                  f"{ACTION_DIM}]")
             lag = delay if runs[i].steps > 0 else 0  # the first chunk of an episode is planned at rest
             chunks[i] = a[lag: lag + k]
+            runs[i].plan, runs[i].plan_lag = a, lag
             if rep.get("imagined") is not None:
                 runs[i].imagined.append((runs[i].steps, np.asarray(rep["imagined"], dtype=np.uint8)))
         return chunks
@@ -153,6 +197,7 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                 cmd["expert_steps"] = k
             else:
                 cmd["actions"] = chunks[i]
+            run.sent = chunks[i]
             if delay:
                 cmd["obs_after"] = k - delay
             nxt = run.spec.episode + 1  # type: ignore[union-attr]
@@ -175,6 +220,9 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
             tentative = reserved.pop(i, None)
             env_steps += r["steps"]
             run.steps += r["steps"]
+            if run.sent is not None:
+                run.segments.append(run.sent[: r["steps"]])
+                run.sent = None
             if r["ended"] is None:
                 run.obs = r["obs"]
                 continue
@@ -190,7 +238,8 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
                 frames = compose_video(e["frames"], run.imagined, adapter.frame_stride)
                 written = write_video(out / "videos" / name, frames)
                 video_paths.append(f"videos/{written.name}")  # relative to the evaluation's folder, wherever it is
-            run.imagined, run.steps = [], 0
+            smooth.add_episode(run.segments)
+            run.imagined, run.steps, run.segments, run.plan = [], 0, [], None
             bar.update(1)
             bar.set_postfix(mode=mode, success=f"{successes}/{len(records)}",
                             steps_s=f"{env_steps / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -234,4 +283,4 @@ def _run_mode(pool: EnvPool, adapter: _Adapter, mode: str, tasks: list[str], see
             process(pool.collect(inflight.popleft()[1]))
         g = (g + 1) % groups
     return {"mode": mode, "records": records, "calls": calls, "videos": video_paths, "env_steps": env_steps,
-            "rollout_s": time.perf_counter() - t0, "overhead": overhead}
+            "rollout_s": time.perf_counter() - t0, "overhead": overhead, "smoothness": smooth.summary()}

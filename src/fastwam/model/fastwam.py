@@ -24,6 +24,7 @@ from fastwam.config import ModelConfig
 from fastwam.model import flow
 from fastwam.model.experts import ActionExpert, VideoExpert
 from fastwam.model.mot import KVCache, Part, Stream, parts_layout, run_layers
+from fastwam.model.rtc import ActionGuide
 from fastwam.model.visibility import MODE_RULES, Group, Rel, Variant, VisibilityRule
 
 # The methods `sample` runs through `_stage`: what `compile_inference` compiles.
@@ -236,6 +237,27 @@ class FastWAM(nn.Module):
         """The training loss (DDP / FSDP hook into `forward`)."""
         return self.loss(*args, **kwargs)
 
+    def distill_loss(self, text: torch.Tensor, state: torch.Tensor, states: torch.Tensor, sigmas: torch.Tensor,
+                     cache: KVCache) -> torch.Tensor:
+        """Few-step distillation of the fast sampler (`training/distill.py`): this model is the student.
+
+        states [N + 1, B, Ha, A]: a teacher's fast-mode trajectory at the student's noise levels sigmas [N + 1] (1 to
+        0); cache: the frame-0 prefix K/V (video expert, frozen, shared with the teacher). Returns the mean over the N
+        segments of the MSE between this model's action velocity at (x_k, sigma_k) and the slope
+        (x_{k+1} - x_k) / (sigma_{k+1} - sigma_k): one Euler step of the student lands where the teacher's sub-steps
+        landed. Only the action expert is in the graph (the state token comes from the frozen state projection).
+        """
+        rule = MODE_RULES["fast"]
+        raw = torch.cat([text, self._state_token(text, state, None)], dim=1)
+        action_ctx = self.action.cross_kv(self.action.condition_embedder.text(raw))
+        layout = cache.action_layout(rule, states.shape[2])
+        losses = []
+        for k in range(states.shape[0] - 1):
+            target = (states[k + 1] - states[k]) / (sigmas[k + 1] - sigmas[k])
+            velocity = self.action_velocity(states[k], sigmas[k], cache, action_ctx, rule, layout)
+            losses.append((velocity.float() - target.float()).pow(2).mean())
+        return torch.stack(losses).mean()
+
     # -----------------------------------------------------------------------------------------------------------------
     # Inference
     #
@@ -316,6 +338,7 @@ class FastWAM(nn.Module):
         video_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         return_video: bool = False,
+        guide: ActionGuide | None = None,
     ) -> SampleOutput:
         """Denoise an action chunk from the first latent frame [B, C, 1, H, W].
 
@@ -323,6 +346,8 @@ class FastWAM(nn.Module):
         joint: denoise future video and actions together (JOINT mask; nothing can be cached).
         idm:   denoise the future video alone, prefill the cache with it (clean), then the action steps.
         Noise may be given explicitly (per-sample determinism across batch sizes); otherwise drawn from `generator`.
+        guide: real-time chunking (`model/rtc.py`): continue a previous chunk. fast / idm only (the guidance runs
+        through the action expert against the cached prefix); a guide with no weight leaves sampling unchanged.
         """
         if mode not in MODE_RULES:
             raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(MODE_RULES)}")
@@ -331,6 +356,11 @@ class FastWAM(nn.Module):
         b, c, _, h, w = first_latent.shape
         device, dtype = first_latent.device, first_latent.dtype
         rule = MODE_RULES[mode]
+        if guide is not None and not guide.active:
+            guide = None
+        if guide is not None and mode == "joint":
+            raise ValueError("real-time chunking guides the action expert against a cached prefix (fast / idm); "
+                             "joint mode denoises video and actions together")
         if action_noise is None:
             action_noise = torch.randn(
                 b, self.cfg.action_horizon, self.cfg.action_dim, generator=generator, device=device, dtype=dtype
@@ -361,8 +391,18 @@ class FastWAM(nn.Module):
                 video = self.imagine(first_latent, video_noise, video_ctx, sigmas, rule)
                 cache = self.prefill(video, video_ctx, rule, group=Group.COND)
             layout = cache.action_layout(rule, x_a.shape[1])  # built once per shape, outside the loop
-            for i in range(steps):
-                x_a = self._stage("action_step")(x_a, sigmas[i], sigmas[i + 1], cache, action_ctx, rule, layout)
+            if guide is None:
+                for i in range(steps):
+                    x_a = self._stage("action_step")(x_a, sigmas[i], sigmas[i + 1], cache, action_ctx, rule, layout)
+            else:  # eager: each step differentiates the action expert once (a vector-Jacobian product)
+                guide = guide.to(device, dtype)
+                for i in range(steps):
+                    sigma = sigmas[i]
+                    velocity = guide.guided_velocity(
+                        lambda x, s=sigma: self.action_velocity(x, s, cache, action_ctx, rule, layout), x_a,
+                        float(sigma))
+                    x_a = flow.euler_step(x_a, velocity, sigma, sigmas[i + 1])
+                x_a = guide.pin(x_a)
         if self._compiled:  # a CUDA graph's outputs live in buffers that the next replay overwrites
             x_a, video = x_a.clone(), None if video is None else video.clone()
         return SampleOutput(actions=x_a, video=video if return_video else None)

@@ -58,6 +58,7 @@ class _Pending:
     return_video: bool
     future: asyncio.Future
     received_at: float  # perf_counter() when the message arrived
+    realtime: tuple | None = None  # (prev_chunk, inference_delay) of a real-time-chunking request
 
 
 @dataclasses.dataclass
@@ -108,11 +109,13 @@ class MicroBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def submit(self, observation: dict, mode: str | None, return_video: bool, received_at: float) -> Done:
-        """Queue one validated observation and wait for its result (raises what its lone `infer_batch` raised)."""
+    async def submit(self, observation: dict, mode: str | None, return_video: bool, received_at: float,
+                     realtime: tuple | None = None) -> Done:
+        """Queue one validated observation and wait for its result (raises what its lone `infer_batch` raised).
+        `realtime`: (prev_chunk, inference_delay) for real-time chunking; requests with and without batch together."""
         assert self._wakeup is not None, "MicroBatcher.start() was not called"
         future: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(observation, mode, return_video, future, received_at))
+        self._pending.append(_Pending(observation, mode, return_video, future, received_at, realtime))
         self._wakeup.set()
         return await future
 
@@ -177,7 +180,8 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(
-                self._executor, self._infer_batch, [item.observation for item in batch], mode, return_video
+                self._executor, self._infer_batch, [item.observation for item in batch], mode, return_video,
+                [item.realtime for item in batch],
             )
         except asyncio.CancelledError:
             for item in batch:
@@ -201,10 +205,14 @@ class MicroBatcher:
             if not item.future.done():  # a cancelled handler (shutdown) leaves a done future; just drop the result
                 item.future.set_result(Done(result, infer_ms, (started - item.received_at) * 1000.0, len(batch)))
 
-    def _infer_batch(self, observations: list[dict], mode: str | None, return_video: bool) -> list[dict]:
+    def _infer_batch(self, observations: list[dict], mode: str | None, return_video: bool,
+                     realtime: list | None = None) -> list[dict]:
         """Runs on the policy thread."""
-        # return_video only when asked, so policies without that keyword work unchanged.
-        extra = {"return_video": True} if return_video else {}
+        # return_video / the real-time fields only when asked, so policies without those keywords work unchanged.
+        extra: dict = {"return_video": True} if return_video else {}
+        if realtime and any(r is not None for r in realtime):
+            extra["prev_chunks"] = [None if r is None else r[0] for r in realtime]
+            extra["inference_delays"] = [0 if r is None else r[1] for r in realtime]
         results = self._policy.infer_batch(observations, mode=mode, **extra)
         if not isinstance(results, (list, tuple)) or len(results) != len(observations):
             raise RuntimeError(

@@ -15,11 +15,19 @@ import inspect
 import time
 from typing import Any
 
+import numpy as np
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from fastwam.serving.msgpack_numpy import Packer, packb, unpackb
-from fastwam.serving.protocol import ACK_KEY, MODE_KEY, RESET_MESSAGE, describe_error
+from fastwam.serving.protocol import (
+    ACK_KEY,
+    INFERENCE_DELAY_KEY,
+    MODE_KEY,
+    PREV_CHUNK_KEY,
+    RESET_MESSAGE,
+    describe_error,
+)
 
 __all__ = ["ServerError", "WebsocketClient"]
 
@@ -82,11 +90,17 @@ class WebsocketClient:
                     "websocket) server?"
                 ) from exc
 
-    def infer(self, observation: dict, mode: str | None = None) -> dict:
-        """Send one observation; returns the reply dict (`actions`, `policy_timing`, `server_timing`, ...)."""
+    def infer(self, observation: dict, mode: str | None = None, *, prev_chunk=None, inference_delay: int = 0) -> dict:
+        """Send one observation; returns the reply dict (`actions`, `policy_timing`, `server_timing`, ...).
+
+        Real-time chunking: `prev_chunk` = the previous chunk's actions from this observation's time on ([L, D]),
+        `inference_delay` = how many of them run while this request is computed (the reply's first ones equal them)."""
         message = dict(observation)
         if mode is not None:
             message[MODE_KEY] = mode
+        if prev_chunk is not None:
+            message[PREV_CHUNK_KEY] = np.asarray(prev_chunk, dtype=np.float32)
+            message[INFERENCE_DELAY_KEY] = int(inference_delay)
         self._ws.send(self._packer.pack(message))
         return self._recv()
 

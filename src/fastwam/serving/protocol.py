@@ -14,7 +14,12 @@ Wire protocol (see docs/reference.md, "Serving wire format"):
      characters. Float arrays may come as any float width (LIBERO sends float64 state); they are
      cast to the declared dtype. Integer / bool arrays must match exactly (a float image is a bug, not a cast).
      Optional `"mode": "fast" | "joint" | "idm"` picks the inference mode for this request, and
-     `"return_video": True` asks a joint / IDM policy for its imagined frames (reply key `"imagined"`). Other keys
+     `"return_video": True` asks a joint / IDM policy for its imagined frames (reply key `"imagined"`).
+     Real-time chunking (optional; metadata `"realtime_chunking": true` says the policy takes it):
+     `"prev_chunk"`: float array [L, D], the previous chunk's actions from this observation's time on, and
+     `"inference_delay"`: int d >= 0, how many of them the robot executes while this request is computed. The
+     reply's first d actions are then exactly those, and the rest continues them. A request without them (every
+     openpi client) is answered as before. Other keys
      outside the spec are passed to the policy unvalidated (it ignores what it does not know).
      Reply: `{"actions": float32 [H, D], ..., "policy_timing": {"infer_ms"}, "server_timing": {"infer_ms",
      "queue_ms", "batch_size", "total_ms", "prev_total_ms"}}`.
@@ -35,7 +40,9 @@ import numpy as np
 
 __all__ = [
     "ACK_KEY",
+    "INFERENCE_DELAY_KEY",
     "MODE_KEY",
+    "PREV_CHUNK_KEY",
     "RETURN_VIDEO_KEY",
     "Control",
     "FieldSpec",
@@ -52,6 +59,10 @@ __all__ = [
 
 MODE_KEY = "mode"
 RETURN_VIDEO_KEY = "return_video"
+PREV_CHUNK_KEY = "prev_chunk"
+INFERENCE_DELAY_KEY = "inference_delay"
+MAX_INFERENCE_DELAY = 10_000
+_REQUEST_OPTIONS = (MODE_KEY, RETURN_VIDEO_KEY, PREV_CHUNK_KEY, INFERENCE_DELAY_KEY)  # request keys beside the spec's
 ACK_KEY = "__ack__"
 RESET_MESSAGE: dict[str, Any] = {"reset": True}
 # Spelled-out list of what counts as a control message, so the docs, server and client agree.
@@ -235,6 +246,8 @@ class InferRequest:
     observation: dict
     mode: str | None
     return_video: bool = False
+    prev_chunk: np.ndarray | None = None  # float32 [L, D] (real-time chunking), checked against the policy later
+    inference_delay: int = 0
 
 
 @dataclasses.dataclass
@@ -289,10 +302,30 @@ def parse_request(message: Any, specs: dict[str, FieldSpec], modes: list[str] | 
     return_video = message.get(RETURN_VIDEO_KEY, False)
     if not isinstance(return_video, bool):
         raise ProtocolError(f"request key {RETURN_VIDEO_KEY!r} must be true or false, got {_type_name(return_video)}")
+    prev_chunk, delay = _realtime_fields(message)
     observation = validate_observation(
-        {k: v for k, v in message.items() if k not in (MODE_KEY, RETURN_VIDEO_KEY)}, specs
+        {k: v for k, v in message.items() if k not in _REQUEST_OPTIONS}, specs
     )
-    return InferRequest(observation, mode, return_video)
+    return InferRequest(observation, mode, return_video, prev_chunk, delay)
+
+
+def _realtime_fields(message: dict) -> tuple[np.ndarray | None, int]:
+    """The optional real-time-chunking fields, type-checked (their shape is the policy's to check)."""
+    delay = message.get(INFERENCE_DELAY_KEY, 0)
+    if isinstance(delay, (bool, np.bool_)) or not isinstance(delay, (int, np.integer)) \
+            or not 0 <= delay <= MAX_INFERENCE_DELAY:
+        raise ProtocolError(f"request key {INFERENCE_DELAY_KEY!r} must be an integer in 0..{MAX_INFERENCE_DELAY}, "
+                            f"got {delay!r:.40}")
+    prev = message.get(PREV_CHUNK_KEY)
+    if prev is None:
+        if delay:
+            raise ProtocolError(f"{INFERENCE_DELAY_KEY!r} > 0 needs {PREV_CHUNK_KEY!r} (the actions that run "
+                                "meanwhile)")
+        return None, 0
+    if not isinstance(prev, np.ndarray) or prev.dtype.kind not in "fiu" or prev.ndim != 2:
+        raise ProtocolError(f"request key {PREV_CHUNK_KEY!r} must be a 2-D numeric array [L, action_dim], got "
+                            f"{_type_name(prev)}")
+    return prev.astype(np.float32), int(delay)
 
 
 def example_observation(metadata: dict, *, seed: int = 0, prompt: str = "pick up the black bowl") -> dict:

@@ -90,6 +90,7 @@ class PolicyServer:
             list(modes) if isinstance(modes, (list, tuple)) and all(isinstance(m, str) for m in modes) else None
         )
         self._can_return_video = _accepts_kwarg(policy.infer_batch, "return_video")
+        self._can_chunk_in_real_time = _accepts_kwarg(policy.infer_batch, "prev_chunks")
         self.metadata: dict[str, Any] = {
             **policy.metadata,
             "server": {
@@ -347,7 +348,19 @@ class PolicyServer:
 
         if request.return_video and not self._can_return_video:
             raise ProtocolError("this policy cannot return imagined video (its infer_batch takes no return_video)")
-        done = await self._batcher.submit(request.observation, request.mode, request.return_video, received_at)
+        realtime = None
+        if request.prev_chunk is not None:
+            if not self._can_chunk_in_real_time:
+                raise ProtocolError("this policy does not take prev_chunk / inference_delay (no real-time chunking)")
+            check = getattr(self._policy, "check_realtime", None)
+            if check is not None:  # shape / finiteness against the model, before the request joins a batch
+                try:
+                    check(request.prev_chunk, request.inference_delay)
+                except ValueError as e:
+                    raise ProtocolError(str(e)) from None
+            realtime = (request.prev_chunk, request.inference_delay)
+        done = await self._batcher.submit(request.observation, request.mode, request.return_video, received_at,
+                                          realtime)
 
         reply = dict(done.result)
         if not isinstance(reply.get("policy_timing"), dict):
@@ -396,6 +409,8 @@ class ServeArgs:
     """checked (bound) before the checkpoint is loaded: a taken port fails at once"""
     mode: str = "fast"
     """default inference mode (fast / joint / idm); a request may override it with a "mode" key"""
+    steps: int = 0
+    """denoising steps per chunk; 0 = the checkpoint's (a distilled run's is the step count it was made for)"""
     dtype: str = "auto"
     """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
     seed: int = 0
