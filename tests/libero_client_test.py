@@ -510,3 +510,55 @@ def test_one_real_libero_step(tmp_path):
         assert not done and description
     finally:
         env.close()
+
+
+class RealtimeClient(FakeClient):
+    """FakeClient that also records the real-time fields and pins the first d actions, as FastWAMPolicy does."""
+
+    def __init__(self):
+        super().__init__()
+        self.realtime: list = []
+
+    def infer(self, obs, prev_chunk=None, inference_delay=0):
+        reply = super().infer(obs)
+        self.realtime.append(None if prev_chunk is None else (np.array(prev_chunk), inference_delay))
+        if prev_chunk is not None:
+            reply["actions"][:inference_delay] = prev_chunk[:inference_delay]
+        return reply
+
+
+@pytest.mark.parametrize("chunking", ["sync", "naive", "rtc"])
+def test_asynchronous_execution(chunking, tmp_path):
+    """--async: the next chunk is requested d actions before the segment ends; those run, then the new chunk from its
+    index d. rtc sends the old chunk from the observation's time on; sync is the official loop exactly."""
+    plan = {"libero_spatial": {0: {"t0": 30 + 35}}}
+    d = 3
+    runs = {}
+    for name, kw in (("today", {}), (chunking, dict(async_=True, chunking=chunking, inference_delay=d))):
+        backend, client = FakeBackend(plan), RealtimeClient()
+        run(LiberoArgs(suites="libero_spatial", trials=1, out=str(tmp_path / f"{name}.json"), **kw), client=client,
+            backend=backend, log=lambda _: None)
+        runs[name] = (np.array(backend.envs[0].episodes[0][30:]), client)
+    executed, client = runs[chunking]
+    if chunking == "sync":
+        np.testing.assert_array_equal(executed, runs["today"][0])
+        assert client.realtime == [None] * 4
+        return
+    # Chunk n's actions are n * 100 + index: the first segment is chunk 1's 0..9; each later one is chunk n's d..d+9
+    # (in rtc its first d actions are the old chunk's, but those are never executed from the new chunk).
+    expected = [100 + i for i in range(10)] + [200 + d + i for i in range(10)] + [300 + d + i for i in range(10)] + \
+        [400 + d + i for i in range(5)]
+    assert executed[:, 0].tolist() == expected
+    if chunking == "naive":
+        assert client.realtime == [None] * 4
+    else:
+        assert client.realtime[0] is None
+        prev, delay = client.realtime[1]  # asked when d actions of chunk 1's segment were left: from index 10 - d on
+        assert delay == d and prev[:, 0].tolist() == [100 + i for i in range(10 - d, 32)]
+        prev, delay = client.realtime[2]  # chunk 2's segment started at index d: d + 10 - d = 10 on
+        assert prev[:, 0].tolist() == [200 + i for i in range(10, 32)]
+    with pytest.raises(ValueError, match="needs --async"):
+        run(LiberoArgs(inference_delay=2), client=RealtimeClient(), backend=FakeBackend(plan), log=lambda _: None)
+    with pytest.raises(ValueError, match="0..replan-1"):
+        run(LiberoArgs(async_=True, inference_delay=10), client=RealtimeClient(), backend=FakeBackend(plan),
+            log=lambda _: None)

@@ -460,3 +460,23 @@ def test_prior_report_known_answer(tmp_path):
         shutil.rmtree(tmp_path / gone)
     again = write_prior_report(tmp_path, runs, args, ["base"]).read_text()
     assert again == report
+
+
+def test_real_time_axes_evaluate_the_same_models_with_fewer_steps_and_asynchronously():
+    argv = [a if a != "replan=1;shift=colour;delay=1" else "steps=1,2;async=rtc1,naive1,sync1" for a in _argv("/tmp/x")]
+    args = parse_with_preset(argv, study_plan.AblateArgs, "test")
+    conds = study_plan.conditions(args)
+    assert list(conds) == ["base", "steps1", "steps2", "async_rtc1", "async_naive1", "async_sync1"]
+    assert conds["steps2"] == ["--steps", "2"]
+    assert conds["async_rtc1"] == ["--async", "--chunking", "rtc", "--inference-delay", "1"]
+    by = {j.name: j for j in study_plan.plan(args)[0]}
+    settings = ablate.eval_settings(by["eval_B_fast_s0_async_naive1"].cmd)
+    assert settings["chunking"] == "naive" and settings["inference_delay"] == 1
+    assert ablate.eval_settings(by["eval_B_joint_s0_steps1"].cmd)["inference_steps"] == 1
+    assert by["eval_B_fast_s0_steps1"].after == ("train_B_fast_s0",)  # the trained model, evaluated again
+    from fastwam.study.sweep_report import _condition_text
+
+    assert "real-time chunking" in _condition_text("async_rtc4") and "1 denoising step" in _condition_text("steps1")
+    for bad in ("async=rtc", "async=smooth4", "steps=0", "steps=two"):
+        with pytest.raises(ValueError, match="axis"):
+            study_plan.parse_axes(bad)

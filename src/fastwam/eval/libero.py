@@ -52,9 +52,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
+import tyro
 
 from fastwam.errors import UserError
 from fastwam.files import write_text_atomic
@@ -77,6 +78,14 @@ class LiberoArgs:
     task_ids: str = ""  # comma-separated subset of task ids (default: every task of each suite)
     wait_steps: int = 30
     replan: int = 10  # actions executed per requested chunk
+    # Asynchronous execution, as a robot that keeps moving while it thinks: the observation is sent
+    # --inference-delay steps before the current segment ends, those steps run while the chunk is computed, then
+    # --chunking decides how the new chunk takes over (sync: the robot waits instead, the official protocol; naive:
+    # switch at once, from the new chunk's index d; rtc: real-time chunking, the server is sent the old chunk's
+    # remaining actions and d, and its new chunk continues them). The loop a real robot client can copy: `run_episode`.
+    async_: Annotated[bool, tyro.conf.arg(name="async")] = False
+    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan-1)
+    chunking: Literal["sync", "naive", "rtc"] = "rtc"  # with --async
     max_steps: int = 0  # 0 = the suite's official budget (400, 700 for LIBERO-10)
     resolution: int = 256  # render size
     image_size: int = 224  # size sent to the server
@@ -174,7 +183,7 @@ def postprocess_actions(actions: Any, gripper: str = "native", binarize: bool = 
 
 
 class Client(Protocol):
-    def infer(self, obs: dict) -> dict: ...
+    def infer(self, obs: dict, **realtime: Any) -> dict: ...  # realtime: prev_chunk, inference_delay (rtc only)
 
 
 class Backend(Protocol):
@@ -306,28 +315,49 @@ class EpisodeResult:
 def run_episode(
     env: Any, initial_state: Any, prompt: str, client: Client, args: LiberoArgs, max_steps: int, trial: int = 0
 ) -> EpisodeResult:
+    """One trial: wait steps, then chunks of `replan` actions. With asynchronous execution (`--async`, d =
+    `inference_delay` > 0, chunking naive / rtc) the next chunk is requested when d actions of the current segment
+    are left; they run (as they would while a real robot waits for the reply), then the new chunk takes over from its
+    index d. With rtc the request carries the old chunk from the observation's time on (`prev_chunk`, in the server's
+    action space) and d, and the server's new chunk starts with exactly those d actions."""
     if hasattr(client, "reset"):
         client.reset()  # episode boundary for the server (our policies are stateless; harmless either way)
     env.reset()
     obs = env.set_init_state(initial_state)
+    d = args.inference_delay if args.async_ and args.chunking != "sync" else 0
     pending: deque[np.ndarray] = deque()
+    plan, at = None, 0  # the server's last chunk (raw) and the index in it of the next action executed
+    incoming = None  # (raw chunk, first index, segment) computed "while" the last d actions of the old one run
     infer_ms: list[float] = []
     t = 0
     success = False
+
+    def request(lag: int) -> tuple[np.ndarray, int, np.ndarray]:
+        realtime = {}
+        if d and args.chunking == "rtc" and lag:
+            realtime = {"prev_chunk": plan[at:].astype(np.float32), "inference_delay": d}  # type: ignore[index]
+        t0 = time.perf_counter()
+        reply = client.infer(build_observation(obs, prompt, args.image_size, args.mode), **realtime)
+        infer_ms.append((time.perf_counter() - t0) * 1e3)
+        raw = np.asarray(reply["actions"], dtype=np.float32)
+        chunk = postprocess_actions(raw, args.gripper, args.binarize_gripper)
+        if len(chunk) < lag + args.replan:
+            raise ValueError(f"server returned {len(chunk)} actions but replanning needs {lag + args.replan}")
+        return raw, lag, chunk[lag : lag + args.replan]
+
     while t < max_steps + args.wait_steps:
         if t < args.wait_steps:
             obs, _, _, _ = env.step(list(DUMMY_ACTION))  # let objects settle; `done` here is not a success
             t += 1
             continue
         if not pending:
-            t0 = time.perf_counter()
-            reply = client.infer(build_observation(obs, prompt, args.image_size, args.mode))
-            infer_ms.append((time.perf_counter() - t0) * 1e3)
-            chunk = postprocess_actions(reply["actions"], args.gripper, args.binarize_gripper)
-            if len(chunk) < args.replan:
-                raise ValueError(f"server returned {len(chunk)} actions but replanning needs {args.replan}")
-            pending.extend(chunk[: args.replan])
+            plan, at, segment = incoming if incoming is not None else request(0)  # the first chunk: at rest
+            incoming = None
+            pending.extend(segment)
+        elif d and len(pending) == d and incoming is None:
+            incoming = request(d)  # the robot goes on with the d actions left of the old chunk meanwhile
         obs, _, done, _ = env.step(pending.popleft().tolist())
+        at += 1
         t += 1
         if done:
             success = True
@@ -437,6 +467,10 @@ def run(
         raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(MAX_STEPS)}")
     if args.replan < 1 or args.trials < 1 or args.workers < 1:
         raise ValueError("replan, trials and workers must be positive")
+    if args.inference_delay and not args.async_:
+        raise ValueError("--inference-delay needs --async (asynchronous execution)")
+    if not 0 <= args.inference_delay < args.replan:
+        raise ValueError(f"--inference-delay must be in 0..replan-1 ({args.replan - 1}), got {args.inference_delay}")
     if backend_factory is None:
         backend_factory = functools.partial(LiberoBackend, args.libero_assets)
     backend = backend or backend_factory()  # before connecting: fail fast where LIBERO or its assets are missing
@@ -601,8 +635,6 @@ def _jsonable(x: Any) -> Any:
 
 
 def cli(argv: list[str], prog: str = "fastwam eval libero") -> int:
-    import tyro
-
     args = tyro.cli(LiberoArgs, args=argv, prog=prog)
     results = run(args)
     if args.json:

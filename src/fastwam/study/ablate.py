@@ -28,7 +28,8 @@ from fastwam.study.plan import AblateArgs, Job, _int_list, _tasks, cell_config, 
 EVAL_SETTINGS = {"--tasks": ("tasks", _tasks), "--seeds": ("seeds", _int_list),
                  "--episodes": ("episodes_per_seed", int), "--replan": ("replan", int),
                  "--max-steps": ("max_steps", int), "--shift": ("shift", str), "--obs-delay": ("obs_delay", int),
-                 "--mode": ("modes", lambda v: v.split(","))}
+                 "--mode": ("modes", lambda v: v.split(",")), "--steps": ("inference_steps", int),
+                 "--chunking": ("chunking", str), "--inference-delay": ("inference_delay", int)}
 
 
 def eval_settings(cmd: list[str]) -> dict:

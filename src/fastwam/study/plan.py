@@ -130,7 +130,23 @@ AXES = {
     "replan": (lambda v: f"replan{v}", lambda v: ["--replan", str(v)]),
     "shift": (lambda v: f"shift_{v}", lambda v: ["--shift", str(v)]),
     "delay": (lambda v: f"delay{v}", lambda v: ["--obs-delay", str(v)]),
+    # Acting in real time: denoising steps per chunk, and asynchronous execution ("rtc4" = real-time chunking with
+    # 4 control steps of inference delay; "naive4" = switch to the new chunk at once; "sync4" = the robot waits).
+    "steps": (lambda v: f"steps{v}", lambda v: ["--steps", str(v)]),
+    "async": (lambda v: f"async_{v}", lambda v: ["--async", "--chunking", _async_value(v)[0], "--inference-delay",
+                                                 str(_async_value(v)[1])]),
 }
+
+
+def _async_value(value: str) -> tuple[str, int]:
+    """"rtc4" -> ("rtc", 4): an `async` axis value is a chunking rule and an inference delay."""
+    import re
+
+    m = re.fullmatch(r"(sync|naive|rtc)(\d+)", value.strip())
+    if not m:
+        raise ValueError(f"async axis value {value!r}: expected sync|naive|rtc followed by the inference delay, "
+                         "e.g. rtc4")
+    return m.group(1), int(m.group(2))
 BASE = "base"  # the condition every run is evaluated in
 
 
@@ -196,7 +212,14 @@ def parse_axes(spec: str) -> list[tuple[str, list[str]]]:
         name = name.strip()
         if not eq or name not in AXES:
             raise ValueError(f"evaluation axis {part!r}: expected NAME=v1,v2 with NAME one of {', '.join(AXES)}")
-        axes.append((name, [v.strip() for v in values.split(",") if v.strip()]))
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        for v in vals:
+            if name == "async":
+                _async_value(v)
+            elif name in ("replan", "delay", "steps") and not (v.isdigit() and int(v) >= (name != "delay")):
+                kind = "non-negative" if name == "delay" else "positive"
+                raise ValueError(f"evaluation axis {name}: {v!r} is not a {kind} integer")
+        axes.append((name, vals))
     return axes
 
 

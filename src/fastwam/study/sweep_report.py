@@ -294,6 +294,14 @@ CONDITION_TEXT = {
              "(latency compensation, as with a slow camera). The observation undersells what comes next: the robot "
              "has moved on since the frame was taken, and a model that predicts how the scene evolves should place "
              "its later actions better than one that anchors on the stale frame",
+    "steps": "{v} denoising step(s) per chunk instead of the checkpoint's 10 (the fast path's cost is the step count "
+             "times the action expert)",
+    "async_sync": "asynchronous execution, synchronous rule: the robot waits while a chunk is computed ({v} control "
+                  "steps of inference delay cost no motion), today's behaviour",
+    "async_naive": "asynchronous execution: the previous chunk keeps executing for the {v} control steps a chunk takes "
+                   "to compute, then the robot switches to the new chunk at once (from its index {v})",
+    "async_rtc": "asynchronous execution with real-time chunking: as naive, but the new chunk is sampled to continue "
+                 "the old one (its first {v} actions pinned to those that ran, the overlap guided)",
 }
 
 
@@ -301,7 +309,7 @@ def _condition_text(cond: str) -> str:
     for key, text in CONDITION_TEXT.items():
         if cond.startswith(key):
             value = cond[len(key):]
-            if key in ("replan", "delay") and not value.isdigit():
+            if key in ("replan", "delay", "steps", "async_sync", "async_naive", "async_rtc") and not value.isdigit():
                 continue
             return text.format(v=value)
     return ""
