@@ -480,3 +480,43 @@ def test_real_time_axes_evaluate_the_same_models_with_fewer_steps_and_asynchrono
     for bad in ("async=rtc", "async=smooth4", "steps=0", "steps=two"):
         with pytest.raises(ValueError, match="axis"):
             study_plan.parse_axes(bad)
+
+
+def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, capsys):
+    """--models-from: the real-time study trains nothing; it distills the other study's fast models, evaluates them
+    with fewer steps and asynchronously, times every step count, and reports both tables. A model the other study
+    has not trained yet is one line."""
+    common = ["--preset", "tiny", "--tasks", TASK, "--episodes-per-task", "2", "--train-steps", "2", "--variants",
+              "fast", "--cells", "A:video_ffn_dim=32", "--eval-episodes", "1", "--eval-seeds", "0", "--max-steps", "6",
+              "--replan", "2", "--no-baselines", "--videos", "0", "--config.train.batch-size", "2",
+              "--config.train.save-every", "2"]
+    source = tmp_path / "models"
+    assert ablate.cli(common + ["--out", str(source)]) == 0
+    out = tmp_path / "realtime"
+    realtime = common + ["--out", str(out), "--models-from", str(source), "--axes", "steps=1;async=rtc1,naive1",
+                         "--axis-variants", "fast", "--distill-steps", "1", "--distill-train-steps", "2"]
+    capsys.readouterr()
+    assert ablate.cli(realtime) == 0
+    log = capsys.readouterr().out
+    assert "train_A_fast_s0: done already" in log and "distill_A_fast_d1_s0: finished" in log
+    assert not (out / "runs" / "A" / "fast_s0").exists() and not (out / "data").exists()  # nothing trained here
+    distilled = json.loads((out / "runs" / "A" / "fast_d1_s0" / "config.json").read_text())
+    assert distilled["inference"]["steps"] == 1 and "models" in distilled["train"]["distill_from"]
+    res = json.loads((out / "eval" / "A" / "fast_d1_s0" / "async_rtc1" / "results.json").read_text())
+    assert res["config"]["chunking"] == "rtc" and res["config"]["inference_steps"] == 1
+    assert not (out / "eval" / "A" / "fast_d1_s0" / "steps1").exists()  # a distilled sampler's steps are fixed
+    latency = json.loads((out / "latency_A.json").read_text())
+    assert set(latency["step_counts"]) == {"1", "10"} and "fast_rtc" in latency["step_counts"]["1"]
+    report = (out / "report.md").read_text()
+    assert "## Few-step sampling: success and latency" in report and "## Asynchronous execution" in report
+    assert "| A | plain, 1 step | 1 |" in report and "| A | distilled, 1 step | 1 |" in report
+    assert "| A | distilled, 1 step | async rtc, delay 1 |" in report
+    assert "| A | plain, 10 steps | async naive, delay 1 |" in report
+    assert "(reference)" in report and (out / "realtime_steps.png").is_file()
+    # A second training seed the other study does not have: one line, the rest still runs.
+    with pytest.raises(RuntimeError, match="train_A_fast_s1"):
+        ablate.cli(realtime + ["--seeds", "0,1"])
+    logs = "".join(p.read_text() for p in (out / "logs").glob("train_A_fast_s1*"))
+    assert "is not there yet" in logs and str(source) in logs
+    with pytest.raises(ValueError, match="models-from"):
+        ablate.cli([a if a != "A:video_ffn_dim=32" else "A:video_ffn_dim=16" for a in realtime])

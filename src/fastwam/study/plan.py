@@ -56,6 +56,15 @@ class AblateArgs(PresetArgs):
     # Each value is one more evaluation of every run in --axis-cells, beside the base one (re-plan every --replan).
     axes: str = ""
     axis_cells: str = ""  # cells whose runs are evaluated along the axes (empty: all)
+    axis_variants: str = ""  # variants evaluated along the axes (empty: all; e.g. fast for the real-time axes)
+    # Few-step samplers (the real-time study): every fast model of --axis-cells is also distilled (`fastwam distill`)
+    # into an N-step sampler for each N here ("1,2"), evaluated in the base condition and along the axes as the model
+    # "fast_dN" (runs/CELL/fast_dN_sSEED); --distill-train-steps optimisation steps each.
+    distill_steps: str = ""
+    distill_train_steps: int = 500
+    # Evaluate (and distill) the trained models of another study instead of training them: its OUT. Its cells, variants
+    # and --train-steps must be the ones given here; a model it has not trained yet is reported missing, one line.
+    models_from: str = ""
     eval_compile: bool = False  # evaluate checkpoints with compiled inference (eval metaworld --compile)
     pretrain_dataset: str = ""  # the video a prior is pretrained on (cells with init=prior); any LeRobot dataset
     # With --corpus-episodes N > 0, a job makes --pretrain-dataset (when it does not exist yet) as an action-free
@@ -261,19 +270,20 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     data_dir = Path(args.dataset) if args.dataset else out / "data"
     size = cfg.data.image_size[0]
     jobs: list[Job] = []
-    if not args.dataset:
+    source = Path(args.models_from) if args.models_from else None
+    if not args.dataset and source is None:
         jobs.append(Job("data", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes",
                                          str(args.episodes_per_task), "--out", str(data_dir), "--image-size",
                                          str(size)], data_dir / "meta" / "info.json", cpus=2))
     cells = parse_cells(args.cells) or {"": {}}
     demos = sorted({int(o["demos"]) for o in cells.values() if "demos" in o} - {args.episodes_per_task})
     data_for = {n: out / f"data_demos{n}" for n in demos}
-    for n, path in data_for.items():  # the first n demonstrations per task of the same generator: a subset
+    for n, path in data_for.items() if source is None else ():  # the first n demonstrations per task: a subset
         jobs.append(Job(f"data_demos{n}", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes", str(n),
                                                   "--out", str(path), "--image-size", str(size)],
                         path / "meta" / "info.json", cpus=2))
     corpus_job = ()
-    if args.corpus_episodes > 0:
+    if args.corpus_episodes > 0 and source is None:
         if not args.pretrain_dataset:
             raise ValueError("--corpus-episodes makes the --pretrain-dataset: give its path")
         corpus = Path(args.pretrain_dataset)
@@ -303,6 +313,12 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
         raise ValueError(f"--axis-cells names unknown cells: {sorted(axis_cells - set(cells))}")
     conds = conditions(args)
     seeds = _int_list(args.seeds)
+    axis_variants = set(_variants(args.axis_variants))
+    distill = _int_list(args.distill_steps)
+    if any(n < 1 for n in distill):
+        raise ValueError(f"--distill-steps must be positive step counts, got {args.distill_steps!r}")
+    if source is not None:
+        _check_source(source, cells)
     # Longest trainings first within a seed (IDM runs two video copies; no_cotrain none), seeds in order: an
     # interrupted sweep has whole seeds done rather than every cell half done.
     cost = {"idm": 0, "joint": 1, "fast": 2, "no_cotrain": 3}
@@ -317,7 +333,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     pretrain_steps = args.pretrain_steps or args.train_steps
     for seed in seeds:
         prior_dir = out / "runs" / f"prior_s{seed}"
-        if prior_cells:
+        if prior_cells and source is None:
             # One video prior per training seed, shared by every cell that starts from it.
             train_jobs.append(Job(
                 f"pretrain_s{seed}", _py() + ["pretrain"] + _config_overrides(cfg) + [
@@ -353,31 +369,59 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
                 "--auto-resume", "--no-progress",
             ]
-            final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
-            train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final, after=tuple(after),
-                                  priority=1, resumes_from=run_dir / "checkpoints", gpus=args.job_gpus))
-            evals = {}
-            for cond, options in conds.items():
-                if cond != BASE and cell not in axis_cells:
-                    continue
-                eval_dir = out / "eval" / name if cond == BASE else out / "eval" / name / cond
-                evals[cond] = eval_dir
-                videos = [] if cond == BASE else ["--videos", "0"]
-                compiled = ["--compile"] if args.eval_compile else []
-                eval_jobs.append(Job(f"eval_{tag}" + ("" if cond == BASE else f"_{cond}"),
-                                     _py() + ["eval", "metaworld", "--checkpoint", str(run_dir), "--mode",
-                                              VARIANT_MODES[variant], "--out", str(eval_dir)]
-                                     + eval_args(args.eval_episodes) + options + videos + compiled,
-                                     eval_dir / "results.json", after=(f"train_{tag}",),
-                                     # the first seed's axes early too: a first look at every condition
-                                     priority=0 if cond == BASE or seed == seeds[0] else 2))
-            runs[name] = {"variant": variant, "seed": seed, "cell": cell, "run_dir": run_dir,
-                          "eval_dir": evals[BASE], "evals": evals}
+            if source is not None:  # another study's model: nothing to train here, only to wait for
+                run_dir = source / "runs" / name
+                final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
+                train_jobs.append(Job(f"train_{tag}", _missing_model(final, source), final))
+            else:
+                final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
+                train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final, after=tuple(after),
+                                      priority=1, resumes_from=run_dir / "checkpoints", gpus=args.job_gpus))
+            along_axes = cell in axis_cells and (not axis_variants or variant in axis_variants)
+
+            def evaluate(name: str, tag: str, run_dir: Path, variant: str, model: str, after: str,
+                         model_conds: dict) -> None:
+                evals = {}
+                for cond, options in model_conds.items():
+                    if cond != BASE and not along_axes:
+                        continue
+                    eval_dir = out / "eval" / name if cond == BASE else out / "eval" / name / cond
+                    evals[cond] = eval_dir
+                    videos = [] if cond == BASE else ["--videos", "0"]
+                    compiled = ["--compile"] if args.eval_compile else []
+                    eval_jobs.append(Job(f"eval_{tag}" + ("" if cond == BASE else f"_{cond}"),
+                                         _py() + ["eval", "metaworld", "--checkpoint", str(run_dir), "--mode",
+                                                  VARIANT_MODES[variant], "--out", str(eval_dir)]
+                                         + eval_args(args.eval_episodes) + options + videos + compiled,
+                                         eval_dir / "results.json", after=(after,),
+                                         # the first seed's axes early too: a first look at every condition
+                                         priority=0 if cond == BASE or seed == seeds[0] else 2))
+                runs[name] = {"variant": model, "seed": seed, "cell": cell, "run_dir": run_dir,
+                              "eval_dir": evals[BASE], "evals": evals}
+
+            evaluate(name, tag, run_dir, variant, variant, f"train_{tag}", conds)
+            if variant == "fast" and along_axes:
+                for n in distill:  # a few-step sampler of this model: its step count is fixed, no `steps` axis
+                    d_name = f"{cell}/fast_d{n}_s{seed}" if cell else f"fast_d{n}_s{seed}"
+                    d_tag, d_dir = d_name.replace("/", "_"), out / "runs" / d_name
+                    d_final = d_dir / "checkpoints" / f"step_{args.distill_train_steps:07d}" / "model.safetensors"
+                    train_jobs.append(Job(f"distill_{d_tag}", _py() + [
+                        "distill", "--checkpoint", str(run_dir), "--out", str(d_dir), "--steps", str(n),
+                        "--train-steps", str(args.distill_train_steps), "--auto-resume", "--no-progress"],
+                        d_final, after=(f"train_{tag}",), priority=1, resumes_from=d_dir / "checkpoints",
+                        gpus=args.job_gpus))
+                    evaluate(d_name, d_tag, d_dir, "fast", f"fast_d{n}", f"distill_{d_tag}",
+                             {c: o for c, o in conds.items() if not c.startswith("steps")})
     jobs += train_jobs + eval_jobs
     # Batch-1 latency of each inference mode for each cell's architecture, overrides included (random weights:
     # latency does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.
     # One timing per architecture: cells that differ only in data or initialisation share their first cell's
     # (the report looks a cell's latency up through its architecture).
+    # The real-time study also times the fast path at every step count it evaluates (and with RTC guidance).
+    counts = sorted({10, *distill, *(int(v) for n, vs in parse_axes(args.axes) if n == "steps" for v in vs)})
+    rtc = any(n == "async" for n, _ in parse_axes(args.axes))
+    realtime_timing = (["--step-counts", ",".join(map(str, counts))] + (["--rtc"] if rtc else [])
+                       if len(counts) > 1 or rtc else [])
     architectures: dict[str, list[str]] = {}
     for cell in cells:
         architectures.setdefault(json.dumps(model_overrides(cells[cell]), sort_keys=True), []).append(cell)
@@ -389,7 +433,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
         target = out / (f"latency_{cell}.json" if cell else "latency.json")
         jobs.append(Job(f"latency{'_' + cell if cell else ''}",
                         _py() + ["bench", "latency", "--config-file", str(config_file), "--modes", modes_arg,
-                                 "--threads", "1", "--out", str(target)], target,
+                                 "--threads", "1", "--out", str(target)] + realtime_timing, target,
                         priority=-1, alone=True))  # first, alone: a minute or two of one idle core
     if args.baselines:
         for baseline in ("zero", "random"):
@@ -400,6 +444,22 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             runs[f"baseline_{baseline}"] = {"variant": f"baseline ({baseline})", "seed": None, "cell": None,
                                             "run_dir": None, "eval_dir": eval_dir, "evals": {BASE: eval_dir}}
     return jobs, runs
+
+
+def _missing_model(final: Path, source: Path) -> list[str]:
+    """The command of a model another study trains: it runs only when that model is not there yet, and says so."""
+    message = f"{final} is not there yet: {source}'s study has not trained this model; run it, then this one again"
+    return [sys.executable, "-c", f"import sys; sys.exit({message!r})"]
+
+
+def _check_source(source: Path, cells: dict[str, dict[str, str]]) -> None:
+    """--models-from: the other study must define these cells as they are here (the same models)."""
+    path = source / "cells.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for name, overrides in cells.items():
+        if name and known.get(name) != overrides:
+            raise ValueError(f"--models-from {source}: cell {name!r} is {overrides} here but "
+                             f"{known.get(name, 'not defined')} there ({path})")
 
 
 def _config_overrides(cfg: Config) -> list[str]:

@@ -52,6 +52,13 @@ def _rate(cells: dict[str, list[int]]) -> tuple[int, int]:
 
 def write_report(out: Path, runs: dict, args: Any) -> Path:
     out = Path(out)
+    from fastwam.study.realtime_report import is_realtime_study
+
+    if is_realtime_study(args):  # few-step sampling and asynchronous execution of trained fast models
+        from fastwam.study.plan import conditions
+        from fastwam.study.realtime_report import write_realtime_report
+
+        return write_realtime_report(out, runs, args, list(conditions(args)))
     if any(info.get("cell") for info in runs.values()):  # a sweep over model cells and evaluation axes
         from fastwam.study.plan import STUDY_KEYS, conditions, parse_cells
 

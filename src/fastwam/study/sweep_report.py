@@ -325,6 +325,11 @@ def conditions_section(conds: list[str]) -> list[str]:
 
 
 def _label(cond: str) -> str:
+    if cond.startswith("async_") and cond.rstrip("0123456789") != cond:
+        rule = cond[6:].rstrip("0123456789")
+        return f"async {rule}, delay {cond[6 + len(rule):]}"
+    if cond.startswith("steps") and cond[5:].isdigit():
+        return f"{cond[5:]} denoising step{'s' if cond[5:] != '1' else ''}"
     return {BASE: "base (re-plan every 8)"}.get(cond, cond.replace("shift_", "shift: ").replace("replan", "re-plan "
                                                                                                   "every ")
                                                 .replace("delay", "observation delay "))

@@ -1,0 +1,212 @@
+"""The report of the real-time study (`fastwam ablate --axes 'steps=...;async=...' --distill-steps N`): what fewer
+denoising steps (plain or distilled) and asynchronous execution (naive switching vs real-time chunking) cost in
+success, and what they buy in latency and smoothness.
+
+Every number comes from the study's files: OUT/eval/CELL/MODEL_sSEED[/CONDITION]/results.json (success per episode,
+and the executed actions' jumps at chunk seams and within chunks), OUT/latency_CELL.json (`fastwam bench latency
+--step-counts ... --rtc`, timed alone on an idle core). Intervals are the hierarchical bootstrap of `sweep_report`
+(training seeds, then episodes paired on the shared layouts); verdicts are computed from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastwam.eval.stats import markdown_table
+from fastwam.study.sweep_report import (
+    BASE,
+    _arm,
+    _cell_params,
+    _ci,
+    _compare,
+    _label,
+    _seeds,
+    command_and_budget,
+    conditions_section,
+    load,
+    status_section,
+)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_realtime_study(args: Any) -> bool:
+    from fastwam.study.plan import parse_axes
+
+    return bool(getattr(args, "distill_steps", "")) or any(n in ("steps", "async") for n, _ in parse_axes(args.axes))
+
+
+def _models(runs: dict, cell: str) -> list[str]:
+    """The cell's fast models: the trained one, then its distilled samplers by step count."""
+    found = {i["variant"] for i in runs.values() if i.get("cell") == cell and str(i["variant"]).startswith("fast")}
+    return sorted(found, key=lambda v: (v != "fast", int(v[6:]) if v.startswith("fast_d") else 0))
+
+
+def _model_label(model: str, steps: int | None = None) -> str:
+    if model == "fast":
+        n = steps if steps is not None else 10
+        return f"plain, {n} step{'s' if n != 1 else ''}"
+    return f"distilled, {model[6:]} step{'s' if model[6:] != '1' else ''}"
+
+
+def _steps_of(model: str, cond: str) -> int:
+    if model.startswith("fast_d"):
+        return int(model[6:])
+    return int(cond[5:]) if cond.startswith("steps") else 10
+
+
+def _verdict(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    lo, hi = r["ci95"]
+    provisional = " (provisional: < 3 seeds)" if min(r["n_seeds"]) < 3 else ""
+    if lo > 0:
+        return "better" + provisional
+    if hi < 0:
+        return "worse" + provisional
+    within = abs(r["estimate"]) <= r["mde80"]
+    return ("no difference detected (within the MDE)" if within else "unresolved") + provisional
+
+
+def _smoothness(table: dict, cell: str, model: str, cond: str) -> tuple[float | None, float | None]:
+    """Mean over training seeds of the seam and within-chunk jumps of the executed actions."""
+    seam, within = [], []
+    for results in table.get((cell, model, cond), {}).values():
+        sm = next(iter(results["summary"].values()), {}).get("smoothness") or {}
+        if sm.get("seam_jump") is not None:
+            seam.append(sm["seam_jump"])
+        if sm.get("within_chunk_jump") is not None:
+            within.append(sm["within_chunk_jump"])
+    return (float(np.mean(seam)) if seam else None), (float(np.mean(within)) if within else None)
+
+
+def steps_section(out: Path, runs: dict, table: dict, cells: list[str], conds: list[str]) -> tuple[list[str], list]:
+    rows, points = [], []
+    for cell in cells:
+        lat = (_cell_params(out, cell) if cell else _json(out / "latency.json")).get("step_counts", {})
+        ref = _arm(table, cell, "fast", BASE)
+        ref_ms = lat.get("10", {}).get("fast", {}).get("p50_ms")
+        for model in _models(runs, cell):
+            for cond in [BASE] + [c for c in conds if c.startswith("steps")]:
+                if model != "fast" and cond != BASE:
+                    continue
+                arm = _arm(table, cell, model, cond)
+                if not arm:
+                    continue
+                n = _steps_of(model, cond)
+                rate = _compare(arm)
+                diff = None if (model == "fast" and cond == BASE) else _compare(arm, ref)
+                ms = lat.get(str(n), {}).get("fast", {}).get("p50_ms")
+                rows.append([cell, _model_label(model, n), str(n), _ci(rate, signed=False), _seeds(rate),
+                             _ci(diff) if diff else "(reference)", f"{100 * diff['mde80']:.1f}" if diff else "-",
+                             _verdict(diff) if diff else "-", f"{ms:.1f}" if ms else "-",
+                             f"{ref_ms / ms:.1f}x" if ms and ref_ms else "-"])
+                points.append((cell, model, n, rate, ms))
+    if not rows:
+        return [], points
+    return ["## Few-step sampling: success and latency", "",
+            "Success (mean over training seeds, hierarchical 95 % interval) of the same trained fast models "
+            "sampled with fewer Euler steps, and of their distilled few-step samplers (`fastwam distill`); the "
+            "difference is against the plain 10-step sampler, paired on the same layouts. Latency: batch-1 "
+            "observation -> chunk p50 of the fast path at that step count (`fastwam bench latency --step-counts`, "
+            "this study's architecture, one core, timed alone); the action expert runs once per step, so its FLOPs "
+            "per chunk scale with the step count.", "",
+            markdown_table(["cell", "sampler", "steps", "success", "per seed", "vs plain 10 steps, points", "MDE",
+                            "verdict", "fast p50 ms", "speed-up"], rows), ""], points
+
+
+def async_section(runs: dict, table: dict, cells: list[str], conds: list[str]) -> list[str]:
+    rows = []
+    for cell in cells:
+        for model in _models(runs, cell):
+            sync = _arm(table, cell, model, BASE)
+            base_seam, base_within = _smoothness(table, cell, model, BASE)
+            before = len(rows)
+            for cond in [c for c in conds if c.startswith("async_")]:
+                arm = _arm(table, cell, model, cond)
+                if not arm:
+                    continue
+                diff = _compare(arm, sync)
+                seam, within = _smoothness(table, cell, model, cond)
+                ratio = f"{seam / within:.2f}" if seam is not None and within else "-"
+                rows.append([cell, _model_label(model), _label(cond), _ci(_compare(arm), signed=False), _seeds(diff),
+                             _ci(diff), f"{100 * diff['mde80']:.1f}" if diff else "-", _verdict(diff),
+                             f"{seam:.3f}" if seam is not None else "-", f"{within:.3f}" if within else "-", ratio])
+            if len(rows) > before and base_seam is not None:
+                rows.append([cell, _model_label(model), "synchronous (base)", _ci(_compare(sync), signed=False),
+                             "", "(reference)", "-", "-", f"{base_seam:.3f}",
+                             f"{base_within:.3f}" if base_within else "-",
+                             f"{base_seam / base_within:.2f}" if base_within else "-"])
+    if not rows:
+        return []
+    return ["## Asynchronous execution: naive switching vs real-time chunking", "",
+            "The robot keeps executing the previous chunk for the inference delay (in control steps) while the next "
+            "chunk is computed; naive switches to the new chunk at once, rtc samples it to continue the old one "
+            "(first actions pinned, overlap guided). Differences are against the same model run synchronously (the "
+            "robot waits; the base condition), paired on the same layouts. Smoothness: the executed actions' mean L2 "
+            "jump at chunk seams and within chunks (mean over training seeds); seam / within near 1 means the chunks "
+            "join as smoothly as they run.", "",
+            markdown_table(["cell", "sampler", "condition", "success", "per seed", "vs synchronous, points", "MDE",
+                            "verdict", "seam jump", "within-chunk jump", "seam / within"], rows), ""]
+
+
+def _plot(out: Path, points: list) -> Path | None:
+    pts = [p for p in points if p[3] is not None and p[4]]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("plain", "o"), ("distilled", "s")):
+        sel = [p for p in pts if (p[1] == "fast") == (kind == "plain")]
+        if not sel:
+            continue
+        ms = [p[4] for p in sel]
+        est = [100 * p[3]["estimate"] for p in sel]
+        err = [[100 * (p[3]["estimate"] - p[3]["ci95"][0]) for p in sel],
+               [100 * (p[3]["ci95"][1] - p[3]["estimate"]) for p in sel]]
+        ax.errorbar(ms, est, yerr=err, fmt=marker, capsize=3, label=kind)
+        for p, x, y in zip(sel, ms, est):
+            ax.annotate(f"{p[0]} N={p[2]}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("fast path p50 latency, ms (batch 1, one CPU core)")
+    ax.set_ylabel("MT10 success, %")
+    ax.set_title("Few-step sampling: success against latency")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "realtime_steps.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_realtime_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Path:
+    out = Path(out)
+    table = load(runs)
+    cells = list(dict.fromkeys(i["cell"] for i in runs.values() if i.get("cell") is not None))
+    cell_specs = _json(out / "cells.json")
+    lines = ["# Acting in real time: few-step sampling and asynchronous execution", ""]
+    source = getattr(args, "models_from", "")
+    if source:
+        lines += [f"The trained models are those of the study in `{source}` (evaluated and distilled here, not "
+                  "retrained).", ""]
+    lines += command_and_budget(out, {c: cell_specs.get(c, {}) for c in cells},
+                                lambda a: f"{a['train_steps']} training steps per model, "
+                                          f"{a.get('distill_train_steps', 500)} per distillation")
+    lines += status_section(table, runs) + conditions_section(conds)
+    step_lines, points = steps_section(out, runs, table, cells, conds)
+    lines += step_lines + async_section(runs, table, cells, conds)
+    path = _plot(out, points)
+    if path is not None:
+        lines += [f"![success against latency]({path.name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
