@@ -520,3 +520,18 @@ def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, 
     assert "is not there yet" in logs and str(source) in logs
     with pytest.raises(ValueError, match="models-from"):
         ablate.cli([a if a != "A:video_ffn_dim=32" else "A:video_ffn_dim=16" for a in realtime])
+
+
+def test_models_from_needs_no_pretraining_data_and_plans_no_training(tmp_path):
+    source = tmp_path / "video_prior"
+    source.mkdir()
+    (source / "cells.json").write_text(json.dumps({"P": {"init": "prior"}, "V": {"demos": "5", "video_ratio": "0.5"}}))
+    argv = ["--preset", "tiny", "--out", str(tmp_path / "rt"), "--tasks", TASK, "--variants", "fast", "--cells",
+            "P:init=prior;V:demos=5,video_ratio=0.5", "--models-from", str(source), "--axes", "async=rtc2",
+            "--distill-steps", "1"]
+    jobs, runs = study_plan.plan(parse_with_preset(argv, study_plan.AblateArgs, "test"))
+    names = {j.name for j in jobs}
+    assert not {n for n in names if n.startswith(("data", "corpus", "pretrain"))}
+    train = {j.name: j for j in jobs}["train_P_fast_s0"]
+    assert train.done.is_relative_to(source) and "is not there yet" in train.cmd[-1]
+    assert runs["P/fast_d1_s0"]["variant"] == "fast_d1" and "async_rtc2" in runs["P/fast_d1_s0"]["evals"]

@@ -294,7 +294,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             corpus / "meta" / "info.json", cpus=2))
         corpus_job = ("corpus",)
     prior_cells = [c for c, o in cells.items() if o.get("init") == "prior"]
-    if prior_cells and not args.pretrain_dataset:
+    if prior_cells and not args.pretrain_dataset and source is None:
         raise ValueError(f"cells {prior_cells} start from a video prior (init=prior): give --pretrain-dataset DIR")
     for c in prior_cells:
         video_keys = sorted(k for k in model_overrides(cells[c]) if k not in ("action_hidden_dim", "action_ffn_dim"))
@@ -302,7 +302,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
             raise ValueError(f"cell {c!r} starts from the study's video prior, which has the config's video expert: "
                              f"it cannot override {video_keys}")
     mixed = [c for c, o in cells.items() if "video_ratio" in o]
-    if mixed and not args.video_dataset:
+    if mixed and not args.video_dataset and source is None:
         raise ValueError(f"cells {mixed} co-train with action-free video (video_ratio): give --video-dataset DIR")
     per_cell = {k: _variants(v) for k, _, v in (p.partition(":") for p in args.cell_variants.split(";") if p.strip())}
     unknown = set(per_cell) - set(cells)
