@@ -573,6 +573,10 @@ def _run(cfg: Config, args, prog: str) -> int:
         last = result.losses[-1]
         print(f"step {result.step}: loss {last['loss']:.4f} (video {last['video']:.4f}, action {last['action']:.4f})")
     print(f"checkpoint: {result.checkpoint}")
+    return _exit_code(result, prog)
+
+
+def _exit_code(result: TrainResult, prog: str) -> int:
     if result.interrupted:
         print(f"{prog}: interrupted at step {result.step}; saved {result.checkpoint} — continue with the same "
               "command plus --resume", file=sys.stderr)
@@ -682,8 +686,4 @@ def distill_cli(argv: list[str], prog: str = "fastwam distill") -> int:
     if result.losses:
         print(f"step {result.step}: distill loss {result.losses[-1]['loss']:.6f}")
     print(f"checkpoint: {result.checkpoint} ({args.steps}-step sampler)")
-    if result.interrupted:
-        print(f"{prog}: interrupted at step {result.step}; saved {result.checkpoint} — continue with the same "
-              "command plus --resume", file=sys.stderr)
-        return 130
-    return 0
+    return _exit_code(result, prog)

@@ -121,7 +121,8 @@ def steps_section(out: Path, runs: dict, table: dict, cells: list[str], conds: l
                             "verdict", "fast p50 ms", "speed-up"], rows), ""], points
 
 
-def async_section(runs: dict, table: dict, cells: list[str], conds: list[str]) -> list[str]:
+def async_section(runs: dict, table: dict, cells: list[str], conds: list[str], facts: list | None = None
+                  ) -> list[str]:
     rows = []
     for cell in cells:
         for model in _models(runs, cell):
@@ -134,6 +135,8 @@ def async_section(runs: dict, table: dict, cells: list[str], conds: list[str]) -
                     continue
                 diff = _compare(arm, sync)
                 seam, within = _smoothness(table, cell, model, cond)
+                if facts is not None:
+                    facts.append((cell, model, cond, diff, seam, within))
                 ratio = f"{seam / within:.2f}" if seam is not None and within else "-"
                 rows.append([cell, _model_label(model), _label(cond), _ci(_compare(arm), signed=False), _seeds(diff),
                              _ci(diff), f"{100 * diff['mde80']:.1f}" if diff else "-", _verdict(diff),
@@ -154,6 +157,49 @@ def async_section(runs: dict, table: dict, cells: list[str], conds: list[str]) -
             "join as smoothly as they run.", "",
             markdown_table(["cell", "sampler", "condition", "success", "per seed", "vs synchronous, points", "MDE",
                             "verdict", "seam jump", "within-chunk jump", "seam / within"], rows), ""]
+
+
+def targets_section(table: dict, points: list, facts: list) -> list[str]:
+    """The issue's targets, checked against the tables above (computed, never written by hand)."""
+    lines = []
+    ref_ms = {cell: ms for cell, model, n, _, ms in points if model == "fast" and n == 10}
+    for cell, model, n, _, ms in points:
+        if n > 2 or not ms or not ref_ms.get(cell):
+            continue
+        diff = _compare(_arm(table, cell, model, BASE if model != "fast" else f"steps{n}"),
+                        _arm(table, cell, "fast", BASE))
+        if diff is None:
+            continue
+        speed = ref_ms[cell] / ms
+        holds = diff["ci95"][0] > -diff["mde80"] and speed >= 3
+        lines.append(f"- {cell}, {_model_label(model, n)}: {_ci(diff)} points vs plain 10 steps (MDE "
+                     f"{100 * diff['mde80']:.1f}) at {speed:.1f}x lower latency and {10 // n}x fewer action-expert "
+                     f"calls: the target (success within the MDE, >= 3x faster) {'holds' if holds else 'does not hold'}"
+                     + (" (latency short of 3x)" if speed < 3 else "") + ".")
+    by = {(cell, model, cond): (diff, seam, within) for cell, model, cond, diff, seam, within in facts}
+    for (cell, model, cond), (diff, seam, within) in sorted(by.items()):
+        if not cond.startswith("async_rtc") or diff is None:
+            continue
+        d = cond[len("async_rtc"):]
+        naive = by.get((cell, model, f"async_naive{d}"))
+        text = (f"- {cell}, {_model_label(model)}, delay {d}: rtc {_ci(diff)} points vs synchronous (loses at most 2 "
+                f"points: {'yes' if diff['estimate'] >= -0.02 else 'no'})")
+        if naive is not None and naive[0] is not None:
+            worse = naive[0]["estimate"] < diff["estimate"]
+            text += f"; naive {_ci(naive[0])} (below rtc: {'yes' if worse else 'no'})"
+            if seam is not None and within and naive[1] is not None and naive[2]:
+                closer = seam / within < naive[1] / naive[2]
+                text += (f"; seam / within-chunk jump {seam / within:.2f} vs naive's {naive[1] / naive[2]:.2f} "
+                         f"(closer to 1: {'yes' if closer else 'no'})")
+        lines.append(text + ".")
+    if not lines:
+        return []
+    return ["## Against the targets", "",
+            "Targets: a one- or two-step sampler within its MDE of the 10-step model at >= 3x lower latency; RTC at "
+            "delay 4 within 2 points of synchronous execution while naive switching does worse, with seam jumps "
+            "closer to within-chunk jumps than naive's (point estimates; the intervals are in the tables). Verdicts "
+            "with fewer than 3 training seeds are provisional.",
+            "", *lines, ""]
 
 
 def _plot(out: Path, points: list) -> Path | None:
@@ -203,7 +249,9 @@ def write_realtime_report(out: Path, runs: dict, args: Any, conds: list[str]) ->
                                           f"{a.get('distill_train_steps', 500)} per distillation")
     lines += status_section(table, runs) + conditions_section(conds)
     step_lines, points = steps_section(out, runs, table, cells, conds)
-    lines += step_lines + async_section(runs, table, cells, conds)
+    facts: list = []
+    lines += step_lines + async_section(runs, table, cells, conds, facts)
+    lines += targets_section(table, points, facts)
     path = _plot(out, points)
     if path is not None:
         lines += [f"![success against latency]({path.name})", ""]

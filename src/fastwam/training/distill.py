@@ -48,18 +48,14 @@ from fastwam.errors import UserError
 from fastwam.model import flow
 from fastwam.model.fastwam import FastWAM, LossOutput
 from fastwam.model.visibility import MODE_RULES, get_variant
-from fastwam.training.init_from import checkpoint_step, file_sha256
+from fastwam.training.init_from import checkpoint_step, file_sha256, source_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The teacher and the run's config
 
 
 def teacher_checkpoint(path: str) -> Path:
-    try:
-        return ckpt_io.resolve_checkpoint(path)
-    except ckpt_io.CheckpointError:
-        raise UserError(f"--checkpoint {path}: no fastwam checkpoint there (a run directory or a checkpoint "
-                        "directory of `fastwam train`)") from None
+    return source_checkpoint(path, "--checkpoint", "`fastwam train`")
 
 
 def check_teacher(tcfg: Config, where: str | Path) -> None:

@@ -30,12 +30,13 @@ from fastwam.config import Config
 from fastwam.errors import UserError
 
 
-def source_checkpoint(path: str) -> Path:
+def source_checkpoint(path: str, option: str = "--init-from",
+                      made_by: str = "`fastwam pretrain` / `fastwam train`") -> Path:
     try:
         return ckpt_io.resolve_checkpoint(path)
     except ckpt_io.CheckpointError:
-        raise UserError(f"--init-from {path}: no fastwam checkpoint there (a run directory or a checkpoint "
-                        "directory of `fastwam pretrain` / `fastwam train`)") from None
+        raise UserError(f"{option} {path}: no fastwam checkpoint there (a run directory or a checkpoint "
+                        f"directory of {made_by})") from None
 
 
 def checkpoint_step(ckpt: Path) -> int:
