@@ -10,6 +10,8 @@
 #   gpu.txt                 the card, its memory and driver
 #   latency_eager.json      bench latency, libero_2cam224, bf16, batch 1, 10 steps: fast / joint / idm
 #   latency_compiled.json   the same with --compile (CUDA graphs); max_abs_diff_vs_eager per mode
+#   latency_steps.json      compiled fast path at 1, 2, 4 and 10 denoising steps, and with RTC guidance (the
+#                           real-time target: one-step fast path p50 <= 8 ms on an H100)
 #   tests.txt               the model contract tests (they pick the CPU; this checks the image's torch)
 # Each step has its own time limit so that a slow compile cannot eat the others' time.
 set -uo pipefail
@@ -27,5 +29,6 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 bench() { python3 -m fastwam bench latency --preset libero_2cam224 --json "$@"; }
 timeout 120 bench --out "$OUT/latency_eager.json" | tail -40
 timeout 300 bench --compile --out "$OUT/latency_compiled.json" | tail -40
+timeout 240 bench --compile --modes fast --step-counts 1,2,4,10 --rtc --out "$OUT/latency_steps.json" | tail -60
 timeout 120 python3 -m pytest -p no:cacheprovider -x tests/fastwam_test.py tests/attention_test.py \
     tests/compile_test.py 2>&1 | tail -5 | tee "$OUT/tests.txt"

@@ -224,7 +224,7 @@ def _plot(out: Path, points: list) -> Path | None:
         for p, x, y in zip(sel, ms, est):
             ax.annotate(f"{p[0]} N={p[2]}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("fast path p50 latency, ms (batch 1, one CPU core)")
-    ax.set_ylabel("MT10 success, %")
+    ax.set_ylabel("success, %")
     ax.set_title("Few-step sampling: success against latency")
     ax.legend()
     fig.tight_layout()
