@@ -39,7 +39,8 @@ def _json(path: Path) -> dict:
 def is_realtime_study(args: Any) -> bool:
     from fastwam.study.plan import parse_axes
 
-    return bool(getattr(args, "distill_steps", "")) or any(n in ("steps", "async") for n, _ in parse_axes(args.axes))
+    axes = parse_axes(getattr(args, "axes", "") or "")
+    return bool(getattr(args, "distill_steps", "")) or any(n in ("steps", "async") for n, _ in axes)
 
 
 def _models(runs: dict, cell: str) -> list[str]:
