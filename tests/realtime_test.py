@@ -194,3 +194,18 @@ def test_realtime_fields_round_trip_over_the_wire_and_old_requests_are_unchanged
 
         with pytest.raises(ServerError, match="no real-time chunking"):
             client.infer(example_observation(zero.metadata), prev_chunk=prev, inference_delay=1)
+
+
+def test_rtc_guidance_never_overshoots_in_one_step_and_leaves_ten_steps_alone():
+    guide = ActionGuide(torch.zeros(1, 4, 4), torch.ones(1, 4), torch.tensor([1]))
+    assert guide.guidance_scale(1.0) == 5.0 and guide.step_scale(1.0, 0.0) == 1.0  # one step of size 1: at most 1
+    sigmas = flow.euler_sigmas(10).tolist()
+    for s, s_next in zip(sigmas, sigmas[1:]):  # the plain 10-step schedule: the cap never binds
+        assert guide.step_scale(s, s_next) == guide.guidance_scale(s)
+    # A velocity that does not depend on x: x0_hat = x - k moves one-for-one with x. One guided step with every
+    # weight 1 then lands exactly on the target (with the uncapped beta = 5 it would overshoot it 4x).
+    k, target = torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), -1.0)
+    guide = ActionGuide(target, torch.ones(1, 4), torch.tensor([0]))
+    x = torch.randn(1, 4, 4)
+    v = guide.guided_velocity(lambda z: k + 0 * z, x, 1.0, 0.0)
+    torch.testing.assert_close(flow.euler_step(x, v, 1.0, 0.0), target)

@@ -400,7 +400,7 @@ class FastWAM(nn.Module):
                     sigma = sigmas[i]
                     velocity = guide.guided_velocity(
                         lambda x, s=sigma: self.action_velocity(x, s, cache, action_ctx, rule, layout), x_a,
-                        float(sigma))
+                        float(sigma), float(sigmas[i + 1]))
                     x_a = flow.euler_step(x_a, velocity, sigma, sigmas[i + 1])
                 x_a = guide.pin(x_a)
         if self._compiled:  # a CUDA graph's outputs live in buffers that the next replay overwrites
