@@ -102,6 +102,8 @@ def gather_facts(out: Path, args: Any, runs: dict) -> dict:
         if not rows:
             continue
         seed = prior.name.removeprefix("prior_s")
+        if seed in facts["pretraining"] and not (prior / "checkpoints").is_dir():
+            continue  # a published copy: its metrics.jsonl is thinned (another median it/s); the facts are kept
         entry = dict(facts["pretraining"].get(seed, {}))
         entry.update(steps=rows[-1]["step"], final_video_loss=round(float(np.mean([r["video"] for r in rows[-5:]])), 4))
         if f"pretrain_s{seed}" in minutes:
