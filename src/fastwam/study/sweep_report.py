@@ -108,7 +108,7 @@ def _cell_params(out: Path, cell: str) -> dict:
 
 
 def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
+    return f"{round(100 * x, 1) + 0.0:+.1f}"  # + 0.0: a bound of -0.04 points prints as +0.0, not -0.0
 
 
 def _ci(r: dict | None, signed: bool = True) -> str:
