@@ -536,3 +536,54 @@ def test_models_from_needs_no_pretraining_data_and_plans_no_training(tmp_path):
     train = {j.name: j for j in jobs}["train_P_fast_s0"]
     assert train.done.is_relative_to(source) and "is not there yet" in train.cmd[-1]
     assert runs["P/fast_d1_s0"]["variant"] == "fast_d1" and "async_rtc2" in runs["P/fast_d1_s0"]["evals"]
+
+
+def test_realtime_report_known_answer(tmp_path):
+    """Designed outcomes: fewer steps and RTC cost nothing, naive switching loses 30 points and jerks at the seams,
+    the one-step sampler is 4x faster; the report's tables and target lines must say exactly that."""
+    from types import SimpleNamespace
+
+    from fastwam.study.realtime_report import write_realtime_report
+
+    tasks = [f"task{i}" for i in range(5)]
+
+    def results(rate: float, seam: float, within: float) -> dict:
+        k = round(10 * rate)
+        cells = [{"task": t, "seed": s, "episode_success": [1] * k + [0] * (10 - k)} for t in tasks for s in (0, 1)]
+        return {"partial": False, "cells": cells, "config": {"modes": ["fast"]},
+                "summary": {"fast": {"smoothness": {"seam_jump": seam, "within_chunk_jump": within, "seams": 9}}}}
+
+    design = {("fast", "base"): (0.5, 0.3, 0.1), ("fast", "steps1"): (0.5, 0.3, 0.1),
+              ("fast", "async_rtc4"): (0.5, 0.12, 0.1), ("fast", "async_naive4"): (0.2, 0.4, 0.1),
+              ("fast_d1", "base"): (0.5, 0.3, 0.1), ("fast_d1", "async_rtc4"): (0.5, 0.12, 0.1)}
+    runs = {}
+    for seed in (0, 1, 2):
+        for model in ("fast", "fast_d1"):
+            name = f"A/{model}_s{seed}"
+            evals = {}
+            for (m, cond), values in design.items():
+                if m != model:
+                    continue
+                d = tmp_path / "eval" / name / ("" if cond == "base" else cond)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "results.json").write_text(json.dumps(results(*values)))
+                evals[cond] = d
+            runs[name] = {"variant": model, "seed": seed, "cell": "A", "run_dir": tmp_path / "runs" / name,
+                          "eval_dir": evals["base"], "evals": evals}
+    (tmp_path / "latency_A.json").write_text(json.dumps({"step_counts": {
+        "1": {"fast": {"p50_ms": 2.5}}, "10": {"fast": {"p50_ms": 10.0}}}}))
+    args = SimpleNamespace(axes="steps=1;async=rtc4,naive4", distill_steps="1", models_from="")
+    report = write_realtime_report(tmp_path, runs, args, ["base", "steps1", "async_rtc4", "async_naive4"]).read_text()
+    assert "| A | plain, 1 step | 1 | 50.0 [40.0, 60.0] | 50 / 50 / 50 | +0.0 [+0.0, +0.0] |" in report
+    assert "| 2.5 | 4.0x |" in report
+    assert "| A | plain, 10 steps | async naive, delay 4 | 20.0 [12.0, 28.0] | 20 / 20 / 20 | -30.0 [-39.0, -21.0] |" \
+        in report and "| worse |" in report
+    assert "| 0.400 | 0.100 | 4.00 |" in report and "| 0.120 | 0.100 | 1.20 |" in report
+    targets = report.split("## Against the targets")[1]
+    assert "- A, plain, 1 step: +0.0 [+0.0, +0.0] points vs plain 10 steps" in targets
+    assert "at 4.0x lower latency and 10x fewer action-expert calls: the target (success within the MDE, >= 3x " \
+           "faster) holds." in targets
+    assert ("- A, plain, 10 steps, delay 4: rtc +0.0 [+0.0, +0.0] points vs synchronous (loses at most 2 points: yes); "
+            "naive -30.0 [-39.0, -21.0] (below rtc: yes); seam / within-chunk jump 1.20 vs naive's 4.00 (closer to 1: "
+            "yes).") in targets
+    assert "- A, distilled, 1 step, delay 4: rtc +0.0" in targets

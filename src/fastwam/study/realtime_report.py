@@ -172,7 +172,7 @@ def targets_section(table: dict, points: list, facts: list) -> list[str]:
         if diff is None:
             continue
         speed = ref_ms[cell] / ms
-        holds = diff["ci95"][0] > -diff["mde80"] and speed >= 3
+        holds = diff["ci95"][0] >= -diff["mde80"] and speed >= 3
         lines.append(f"- {cell}, {_model_label(model, n)}: {_ci(diff)} points vs plain 10 steps (MDE "
                      f"{100 * diff['mde80']:.1f}) at {speed:.1f}x lower latency and {10 // n}x fewer action-expert "
                      f"calls: the target (success within the MDE, >= 3x faster) {'holds' if holds else 'does not hold'}"
