@@ -343,9 +343,7 @@ class FastWAMPolicy:
         m = self.cfg.model
         target = torch.zeros(n, m.action_horizon, m.action_dim)
         weights = torch.zeros(n, m.action_horizon)
-        for i, (prev, d) in enumerate(checked):
-            if prev is None or d == 0:
-                continue
+        for i, prev, d in pinned:
             target[i, : len(prev)] = self.normalizer.normalize("action", torch.from_numpy(prev))
             weights[i] = rtc_weights(m.action_horizon, len(prev), d)
         return ActionGuide(target, weights, torch.tensor([d for _, d in checked]), DEFAULT_MAX_GUIDANCE), pinned

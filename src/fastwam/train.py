@@ -298,7 +298,8 @@ def _build(cfg: Config, d: Dist, run_dir: Path, dataset, val_dataset, from_wan: 
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", cfg.to_json())
-    wrapped = wrap_model(model, tc.fsdp, d, device) if teacher is None else distill.wrap_student(model, d.world, device)
+    # A student's step calls its `distill_loss` (through DDP on several processes): `StudentLoss` is that module.
+    wrapped = wrap_model(model if teacher is None else distill.StudentLoss(model), tc.fsdp, d, device)
     return _Trainer(cfg, d, device, run_dir, dataset, val_dataset, codec, text_encoder, model, ema, optimizer,
                     wrapped, stats_dict(dataset), teacher=teacher)
 

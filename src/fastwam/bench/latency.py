@@ -103,10 +103,10 @@ def run(args: LatencyArgs) -> dict:
     video_noise = torch.randn(args.batch, m.latent_channels, m.latent_frames - 1, *latent.shape[3:], device=device,
                               dtype=dtype)
 
-    def once(mode: str) -> torch.Tensor:
+    def once(mode: str, steps: int = args.steps, guide=None) -> torch.Tensor:
         first = codec.encode(frame) if codec is not None else latent
-        out = model.sample(first, text, state, mode=mode, steps=args.steps, action_noise=action_noise,
-                           video_noise=video_noise)
+        out = model.sample(first, text, state, mode=mode, steps=steps, action_noise=action_noise,
+                           video_noise=video_noise, guide=guide)
         return out.actions.float().cpu()  # the caller needs the actions on the host
 
     def timed(fn) -> tuple[torch.Tensor, dict]:
@@ -145,23 +145,18 @@ def run(args: LatencyArgs) -> dict:
         if mode in eager_actions:
             results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
     sweep = {}
+    delay = max(1, m.action_horizon // 4)  # the guided timing's inference delay: a quarter chunk
     if counts:
         from fastwam.model.rtc import ActionGuide, rtc_weights
 
         h = m.action_horizon
-        delay = max(1, h // 4)
         guide = ActionGuide(torch.randn(args.batch, h, m.action_dim, device=device, dtype=dtype),
                             rtc_weights(h, h // 2 + delay, delay).expand(args.batch, h).to(device, dtype),
                             torch.full((args.batch,), delay, device=device))
         for n in counts:
-            def sample(n=n, g=None):
-                first = codec.encode(frame) if codec is not None else latent
-                return model.sample(first, text, state, mode="fast", steps=n, action_noise=action_noise,
-                                    guide=g).actions.float().cpu()
-
-            entry = {"action_expert_calls": n, "fast": timed(sample)[1]}
+            entry = {"action_expert_calls": n, "fast": timed(lambda n=n: once("fast", n))[1]}
             if args.rtc:
-                entry["fast_rtc"] = timed(lambda n=n: sample(n, guide))[1]
+                entry["fast_rtc"] = timed(lambda n=n: once("fast", n, guide))[1]
             sweep[str(n)] = entry
         most = str(max(counts))
         for entry in sweep.values():
@@ -181,7 +176,7 @@ def run(args: LatencyArgs) -> dict:
     }
     if sweep:
         report["step_counts"] = sweep
-        report["rtc_delay"] = max(1, m.action_horizon // 4) if args.rtc else None
+        report["rtc_delay"] = delay if args.rtc else None
     if "fast" in results:
         report["speedup_vs_fast"] = {
             k: round(v["p50_ms"] / results["fast"]["p50_ms"], 2) for k, v in results.items() if k != "fast"

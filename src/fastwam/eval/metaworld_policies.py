@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fastwam.eval.envpool import EpisodeSpec
+from fastwam.serving.protocol import realtime_kwargs
 
 ACTION_DIM = 4
 BASELINES = ("scripted", "zero", "random")
@@ -123,9 +124,7 @@ class _InProcess(_Adapter):
         pobs = [_policy_obs(o, self.cameras) for o in obs]
 
         def call(idx: list[int], **kw) -> list[dict]:
-            if realtime is not None and any(realtime[i] is not None for i in idx):
-                kw["prev_chunks"] = [None if realtime[i] is None else realtime[i][0] for i in idx]
-                kw["inference_delays"] = [0 if realtime[i] is None else realtime[i][1] for i in idx]
+            kw |= realtime_kwargs(None if realtime is None else [realtime[i] for i in idx])
             return self.policy.infer_batch([pobs[i] for i in idx], mode=mode, **kw)
 
         if mode == "fast" or not any(want_video):

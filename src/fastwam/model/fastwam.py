@@ -248,8 +248,7 @@ class FastWAM(nn.Module):
         landed. Only the action expert is in the graph (the state token comes from the frozen state projection).
         """
         rule = MODE_RULES["fast"]
-        raw = torch.cat([text, self._state_token(text, state, None)], dim=1)
-        action_ctx = self.action.cross_kv(self.action.condition_embedder.text(raw))
+        action_ctx = self.action.cross_kv(self.contexts(text, state)[1])
         layout = cache.action_layout(rule, states.shape[2])
         losses = []
         for k in range(states.shape[0] - 1):

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from fastwam.serving.protocol import Policy
+from fastwam.serving.protocol import Policy, realtime_kwargs
 
 __all__ = ["Done", "MicroBatcher", "ShuttingDown", "policy_thread"]
 
@@ -209,10 +209,7 @@ class MicroBatcher:
                      realtime: list | None = None) -> list[dict]:
         """Runs on the policy thread."""
         # return_video / the real-time fields only when asked, so policies without those keywords work unchanged.
-        extra: dict = {"return_video": True} if return_video else {}
-        if realtime and any(r is not None for r in realtime):
-            extra["prev_chunks"] = [None if r is None else r[0] for r in realtime]
-            extra["inference_delays"] = [0 if r is None else r[1] for r in realtime]
+        extra: dict = ({"return_video": True} if return_video else {}) | realtime_kwargs(realtime)
         results = self._policy.infer_batch(observations, mode=mode, **extra)
         if not isinstance(results, (list, tuple)) or len(results) != len(observations):
             raise RuntimeError(

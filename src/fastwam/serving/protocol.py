@@ -54,6 +54,7 @@ __all__ = [
     "example_observation",
     "parse_observation_spec",
     "parse_request",
+    "realtime_kwargs",
     "validate_observation",
 ]
 
@@ -307,6 +308,15 @@ def parse_request(message: Any, specs: dict[str, FieldSpec], modes: list[str] | 
         {k: v for k, v in message.items() if k not in _REQUEST_OPTIONS}, specs
     )
     return InferRequest(observation, mode, return_video, prev_chunk, delay)
+
+
+def realtime_kwargs(realtime: Any) -> dict:
+    """Per request None or (prev_chunk, inference_delay) -> the `infer_batch` keywords `prev_chunks` and
+    `inference_delays`, or {} when no request carries them (so policies without those keywords work unchanged)."""
+    if not realtime or all(r is None for r in realtime):
+        return {}
+    return {"prev_chunks": [None if r is None else r[0] for r in realtime],
+            "inference_delays": [0 if r is None else r[1] for r in realtime]}
 
 
 def _realtime_fields(message: dict) -> tuple[np.ndarray | None, int]:

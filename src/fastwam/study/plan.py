@@ -142,20 +142,21 @@ AXES = {
     # Acting in real time: denoising steps per chunk, and asynchronous execution ("rtc4" = real-time chunking with
     # 4 control steps of inference delay; "naive4" = switch to the new chunk at once; "sync4" = the robot waits).
     "steps": (lambda v: f"steps{v}", lambda v: ["--steps", str(v)]),
-    "async": (lambda v: f"async_{v}", lambda v: ["--async", "--chunking", _async_value(v)[0], "--inference-delay",
-                                                 str(_async_value(v)[1])]),
+    "async": (lambda v: f"async_{v}", lambda v: ["--async", *_async_options(v)]),
 }
 
 
-def _async_value(value: str) -> tuple[str, int]:
-    """"rtc4" -> ("rtc", 4): an `async` axis value is a chunking rule and an inference delay."""
+def _async_options(value: str) -> list[str]:
+    """"rtc4" -> --chunking rtc --inference-delay 4: an `async` axis value is a chunking rule and an inference delay."""
     import re
 
     m = re.fullmatch(r"(sync|naive|rtc)(\d+)", value.strip())
     if not m:
         raise ValueError(f"async axis value {value!r}: expected sync|naive|rtc followed by the inference delay, "
                          "e.g. rtc4")
-    return m.group(1), int(m.group(2))
+    return ["--chunking", m.group(1), "--inference-delay", str(int(m.group(2)))]
+
+
 BASE = "base"  # the condition every run is evaluated in
 
 
@@ -224,7 +225,7 @@ def parse_axes(spec: str) -> list[tuple[str, list[str]]]:
         vals = [v.strip() for v in values.split(",") if v.strip()]
         for v in vals:
             if name == "async":
-                _async_value(v)
+                _async_options(v)
             elif name in ("replan", "delay", "steps") and not (v.isdigit() and int(v) >= (name != "delay")):
                 kind = "non-negative" if name == "delay" else "positive"
                 raise ValueError(f"evaluation axis {name}: {v!r} is not a {kind} integer")
@@ -278,10 +279,11 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     cells = parse_cells(args.cells) or {"": {}}
     demos = sorted({int(o["demos"]) for o in cells.values() if "demos" in o} - {args.episodes_per_task})
     data_for = {n: out / f"data_demos{n}" for n in demos}
-    for n, path in data_for.items() if source is None else ():  # the first n demonstrations per task: a subset
-        jobs.append(Job(f"data_demos{n}", _py() + ["data", "metaworld", "--tasks", args.tasks, "--episodes", str(n),
-                                                  "--out", str(path), "--image-size", str(size)],
-                        path / "meta" / "info.json", cpus=2))
+    if source is None:  # this study trains its models: their data
+        for n, path in data_for.items():  # the first n demonstrations per task of the same generator: a subset
+            jobs.append(Job(f"data_demos{n}", _py() + [
+                "data", "metaworld", "--tasks", args.tasks, "--episodes", str(n), "--out", str(path),
+                "--image-size", str(size)], path / "meta" / "info.json", cpus=2))
     corpus_job = ()
     if args.corpus_episodes > 0 and source is None:
         if not args.pretrain_dataset:

@@ -19,6 +19,7 @@ import numpy as np
 from fastwam.eval.stats import markdown_table
 from fastwam.study.sweep_report import (
     BASE,
+    MIN_SEEDS,
     _arm,
     _cell_params,
     _ci,
@@ -66,7 +67,7 @@ def _verdict(r: dict | None) -> str:
     if r is None:
         return "-"
     lo, hi = r["ci95"]
-    provisional = " (provisional: < 3 seeds)" if min(r["n_seeds"]) < 3 else ""
+    provisional = f" (provisional: < {MIN_SEEDS} seeds)" if min(r["n_seeds"]) < MIN_SEEDS else ""
     if lo > 0:
         return "better" + provisional
     if hi < 0:

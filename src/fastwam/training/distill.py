@@ -237,15 +237,6 @@ class StudentLoss(nn.Module):
         return self.model.distill_loss(**kwargs)
 
 
-def wrap_student(model: FastWAM, world: int, device) -> nn.Module:
-    student = StudentLoss(model)
-    if world == 1:
-        return student
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def draw_noise(cfg: Config, generator: torch.Generator) -> torch.Tensor:
     """The global batch's action noise of one step [batch, Ha, A] (each rank's micro-batch takes its slice)."""
     m = cfg.model
