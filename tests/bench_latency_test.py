@@ -36,3 +36,22 @@ def test_step_counts_are_reported_side_by_side(capsys):
         assert entry["fast"]["p50_ms"] > 0 and entry["fast_rtc"]["p50_ms"] > 0
         assert entry["speedup_vs_4_steps"] > 0
     assert report["step_counts"]["4"]["speedup_vs_4_steps"] == 1.0
+
+
+def test_step_counts_are_timed_round_robin(monkeypatch, capsys):
+    """One call of each step count per iteration: a slow spell of the machine falls on every count alike."""
+    from fastwam.model.fastwam import FastWAM
+
+    calls = []
+    real_sample = FastWAM.sample
+
+    def recording_sample(self, *args, steps=10, **kwargs):
+        calls.append(steps)
+        return real_sample(self, *args, steps=steps, **kwargs)
+
+    monkeypatch.setattr(FastWAM, "sample", recording_sample)
+    assert latency.cli(["--preset", "tiny", "--modes", "fast", "--iters", "3", "--warmup", "1", "--steps", "2",
+                        "--step-counts", "1,4", "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    sweep_calls = calls[1 + 1 + 3:]  # after the plain mode's first call, warm-up and iterations
+    assert sweep_calls == [1, 4] * (1 + 1 + 3)  # first calls, warm-up, then the timed rounds: interleaved

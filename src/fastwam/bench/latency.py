@@ -5,7 +5,8 @@ frame with the preset's codec (pixel / DCT; for the Wan VAE preset the latents a
 "model forward only" numbers) and the full `FastWAM.sample` (prefill + denoising loop). Text embeddings are cached
 per instruction in real use, so they are excluded. CUDA timings synchronise before reading the clock.
 
---step-counts 1,2,4,10: the fast path timed at each denoising step count, side by side (`step_counts` in the JSON:
+--step-counts 1,2,4,10: the fast path timed at each denoising step count, side by side and round-robin (one call of
+each per iteration, so that the machine's slow spells fall on every count alike; `step_counts` in the JSON:
 p50 per N, the speed-up over the largest N, and the action-expert calls per chunk, which is N: the FLOPs of the
 denoising loop scale with it). --rtc adds each N with real-time-chunking guidance (`model/rtc.py`; one vector-Jacobian
 product per step, so a guided step costs about a forward and a backward of the action expert).
@@ -109,27 +110,39 @@ def run(args: LatencyArgs) -> dict:
                            video_noise=video_noise, guide=guide)
         return out.actions.float().cpu()  # the caller needs the actions on the host
 
-    def timed(fn) -> tuple[torch.Tensor, dict]:
+    def clock(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        actions = fn()  # the first call compiles (with --compile) and allocates
-        first_call_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1000
+
+    def timed_together(fns: dict) -> dict[str, tuple[torch.Tensor, dict]]:
+        """Time several calls round-robin (one of each per iteration), so that a slow spell of the machine (another
+        process, the clock frequency) lands on all of them alike and their ratios stay fair."""
+        first = {}
+        for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - t0) * 1000)
-        return actions, {
-            "p50_ms": round(statistics.median(times), 3),
-            "p90_ms": round(_percentile(times, 0.9), 3),
-            "mean_ms": round(statistics.fmean(times), 3),
-            "first_call_s": round(first_call_s, 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
-        }
+            actions = fn()  # the first call compiles (with --compile) and allocates
+            first[name] = (actions, time.perf_counter() - t0)
+        for _ in range(args.warmup):
+            for fn in fns.values():
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(args.iters):
+            for name, fn in fns.items():
+                times[name].append(clock(fn))
+        return {name: (first[name][0], {
+            "p50_ms": round(statistics.median(ts), 3),
+            "p90_ms": round(_percentile(ts, 0.9), 3),
+            "mean_ms": round(statistics.fmean(ts), 3),
+            "first_call_s": round(first[name][1], 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
+        }) for name, ts in times.items()}
+
+    def timed(fn) -> tuple[torch.Tensor, dict]:
+        return timed_together({"": fn})[""]
 
     modes = [x.strip() for x in args.modes.split(",") if x.strip()]
     counts = [int(x) for x in args.step_counts.split(",") if x.strip()]
@@ -153,11 +166,13 @@ def run(args: LatencyArgs) -> dict:
         guide = ActionGuide(torch.randn(args.batch, h, m.action_dim, device=device, dtype=dtype),
                             rtc_weights(h, h // 2 + delay, delay).expand(args.batch, h).to(device, dtype),
                             torch.full((args.batch,), delay, device=device))
+        fns = {}
         for n in counts:
-            entry = {"action_expert_calls": n, "fast": timed(lambda n=n: once("fast", n))[1]}
+            fns[(n, "fast")] = lambda n=n: once("fast", n)
             if args.rtc:
-                entry["fast_rtc"] = timed(lambda n=n: once("fast", n, guide))[1]
-            sweep[str(n)] = entry
+                fns[(n, "fast_rtc")] = lambda n=n: once("fast", n, guide)
+        for (n, kind), (_, stats) in timed_together(fns).items():
+            sweep.setdefault(str(n), {"action_expert_calls": n})[kind] = stats
         most = str(max(counts))
         for entry in sweep.values():
             entry["speedup_vs_%s_steps" % most] = round(sweep[most]["fast"]["p50_ms"] / entry["fast"]["p50_ms"], 2)
