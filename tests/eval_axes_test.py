@@ -75,7 +75,7 @@ def _replay(chunk: np.ndarray, executed: list[slice], steps: int) -> np.ndarray:
     return np.stack(states)
 
 
-@pytest.mark.parametrize("delay", [0, 4])
+@pytest.mark.parametrize("delay", [0, 4, 8])  # 8 = replan: observed at the segment's start (back-to-back inference)
 def test_observation_delay_lags_the_observation_and_compensates_the_actions(delay, tmp_path):
     k, steps = 8, 24
     rec = _Recorder()
@@ -95,7 +95,7 @@ def test_observation_delay_lags_the_observation_and_compensates_the_actions(dela
 def test_delay_and_shift_are_validated():
     rec = _Recorder(horizon=16)
     with pytest.raises(ValueError, match="obs_delay"):
-        mwe.evaluate(rec, TASK, episodes=1, replan=8, obs_delay=8, workers=0, video_episodes=0, progress=False)
+        mwe.evaluate(rec, TASK, episodes=1, replan=8, obs_delay=9, workers=0, video_episodes=0, progress=False)
     with pytest.raises(ValueError, match="obs_delay"):
         mwe.evaluate(rec, TASK, episodes=1, replan=12, obs_delay=6, workers=0, video_episodes=0, progress=False)
     with pytest.raises(ValueError, match="unknown shift"):
@@ -157,9 +157,9 @@ class _Continuing(_Recorder):
         return out
 
 
-@pytest.mark.parametrize("chunking", ["naive", "rtc"])
-def test_async_execution_runs_the_old_chunk_during_inference_and_continues_it(chunking, tmp_path):
-    k, d, steps = 8, 4, 24
+@pytest.mark.parametrize("chunking,d", [("naive", 4), ("rtc", 4), ("naive", 8), ("rtc", 8)])
+def test_async_execution_runs_the_old_chunk_during_inference_and_continues_it(chunking, d, tmp_path):
+    k, steps = 8, 24  # d = k: inference takes the whole segment (run back to back); all the old chunk left is pinned
     rec = _Continuing()
     res = mwe.evaluate(rec, TASK, episodes=1, seeds=[0], replan=k, max_steps=steps, workers=0, video_episodes=0,
                        num_envs=1, progress=False, chunking=chunking, inference_delay=d, out_dir=tmp_path)
@@ -202,7 +202,7 @@ def test_async_options_are_validated():
     rec = _Recorder(horizon=16)
     kw = dict(episodes=1, replan=8, workers=0, video_episodes=0, progress=False)
     with pytest.raises(ValueError, match="inference_delay must be in"):
-        mwe.evaluate(rec, TASK, chunking="naive", inference_delay=8, **kw)
+        mwe.evaluate(rec, TASK, chunking="naive", inference_delay=9, **kw)
     with pytest.raises(ValueError, match="needs asynchronous execution"):
         mwe.evaluate(rec, TASK, inference_delay=2, **kw)
     with pytest.raises(ValueError, match="one delay"):

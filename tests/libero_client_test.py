@@ -527,12 +527,12 @@ class RealtimeClient(FakeClient):
         return reply
 
 
-@pytest.mark.parametrize("chunking", ["sync", "naive", "rtc"])
-def test_asynchronous_execution(chunking, tmp_path):
+@pytest.mark.parametrize("chunking,d", [("sync", 3), ("naive", 3), ("rtc", 3), ("naive", 10), ("rtc", 10)])
+def test_asynchronous_execution(chunking, d, tmp_path):
     """--async: the next chunk is requested d actions before the segment ends; those run, then the new chunk from its
-    index d. rtc sends the old chunk from the observation's time on; sync is the official loop exactly."""
+    index d. rtc sends the old chunk from the observation's time on; sync is the official loop exactly. d = replan
+    (10): the request goes out as each segment starts (inference back to back), one more than otherwise in 35 steps."""
     plan = {"libero_spatial": {0: {"t0": 30 + 35}}}
-    d = 3
     runs = {}
     for name, kw in (("today", {}), (chunking, dict(async_=True, chunking=chunking, inference_delay=d))):
         backend, client = FakeBackend(plan), RealtimeClient()
@@ -549,16 +549,17 @@ def test_asynchronous_execution(chunking, tmp_path):
     expected = [100 + i for i in range(10)] + [200 + d + i for i in range(10)] + [300 + d + i for i in range(10)] + \
         [400 + d + i for i in range(5)]
     assert executed[:, 0].tolist() == expected
+    calls = 4 if d < 10 else 5
     if chunking == "naive":
-        assert client.realtime == [None] * 4
+        assert client.realtime == [None] * calls
     else:
-        assert client.realtime[0] is None
+        assert client.realtime[0] is None and len(client.realtime) == calls
         prev, delay = client.realtime[1]  # asked when d actions of chunk 1's segment were left: from index 10 - d on
         assert delay == d and prev[:, 0].tolist() == [100 + i for i in range(10 - d, 32)]
         prev, delay = client.realtime[2]  # chunk 2's segment started at index d: d + 10 - d = 10 on
         assert prev[:, 0].tolist() == [200 + i for i in range(10, 32)]
     with pytest.raises(ValueError, match="needs --async"):
         run(LiberoArgs(inference_delay=2), client=RealtimeClient(), backend=FakeBackend(plan), log=lambda _: None)
-    with pytest.raises(ValueError, match="0..replan-1"):
-        run(LiberoArgs(async_=True, inference_delay=10), client=RealtimeClient(), backend=FakeBackend(plan),
+    with pytest.raises(ValueError, match=r"0\.\.replan \(10\)"):
+        run(LiberoArgs(async_=True, inference_delay=11), client=RealtimeClient(), backend=FakeBackend(plan),
             log=lambda _: None)

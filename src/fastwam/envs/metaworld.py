@@ -237,6 +237,12 @@ class MetaWorldEnv:
         images = self.render() if render else {}
         return {"images": images, "state": self._raw_obs[:4].astype(np.float32), "task": self.instruction}
 
+    def observe(self) -> dict[str, Any]:
+        """The observation of the current state, rendered now (without stepping)."""
+        if self._raw_obs is None:
+            raise RuntimeError("call reset() before observe()")
+        return self._obs(render=True)
+
     def reset(self, render: bool = True) -> dict[str, Any]:
         """Next layout of this seed's sequence. render=False skips the images (obs["images"] == {})."""
         with warnings.catch_warnings():

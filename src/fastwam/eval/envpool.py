@@ -141,16 +141,19 @@ class _Worker:
         """Run a chunk; returns (obs if the episode goes on, the ended-episode record if it ended, steps taken).
 
         obs_after: return the observation made after this many of the chunk's actions instead of after all of them
-        (an observation that lags the robot by the rest of the chunk: the latency axis of the evaluation).
+        (an observation that lags the robot by the rest of the chunk: the latency axis of the evaluation); 0 = the
+        observation from before the chunk's first action (inference that takes a whole segment, run back to back).
         """
         slot = self.slots[slot_id]
         if slot.spec is None:
             raise RuntimeError(f"slot {slot_id} has no running episode")
         n = expert_steps if actions is None else len(actions)
         at = n if obs_after is None else obs_after
-        if not 1 <= at <= n:
-            raise ValueError(f"obs_after must be in 1..{n}, got {obs_after}")
+        if not 0 <= at <= n:
+            raise ValueError(f"obs_after must be in 0..{n}, got {obs_after}")
         obs, kept, ended, taken = None, None, None, 0
+        if at == 0:
+            kept = slot.env.observe()
         for j in range(n):
             action = slot.env.expert_action() if actions is None else actions[j]
             render = slot.spec.record or j == at - 1

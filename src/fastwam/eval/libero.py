@@ -84,7 +84,7 @@ class LiberoArgs:
     # switch at once, from the new chunk's index d; rtc: real-time chunking, the server is sent the old chunk's
     # remaining actions and d, and its new chunk continues them). The loop a real robot client can copy: `run_episode`.
     async_: Annotated[bool, tyro.conf.arg(name="async")] = False
-    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan-1)
+    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan)
     chunking: Literal["sync", "naive", "rtc"] = "rtc"  # with --async
     max_steps: int = 0  # 0 = the suite's official budget (400, 700 for LIBERO-10)
     resolution: int = 256  # render size
@@ -354,7 +354,7 @@ def run_episode(
             plan, at, segment = incoming if incoming is not None else request(0)  # the first chunk: at rest
             incoming = None
             pending.extend(segment)
-        elif d and len(pending) == d and incoming is None:
+        if d and len(pending) == d and incoming is None:  # (d = replan: at once, inference runs back to back)
             incoming = request(d)  # the robot goes on with the d actions left of the old chunk meanwhile
         obs, _, done, _ = env.step(pending.popleft().tolist())
         at += 1
@@ -469,8 +469,8 @@ def run(
         raise ValueError("replan, trials and workers must be positive")
     if args.inference_delay and not args.async_:
         raise ValueError("--inference-delay needs --async (asynchronous execution)")
-    if not 0 <= args.inference_delay < args.replan:
-        raise ValueError(f"--inference-delay must be in 0..replan-1 ({args.replan - 1}), got {args.inference_delay}")
+    if not 0 <= args.inference_delay <= args.replan:
+        raise ValueError(f"--inference-delay must be in 0..replan ({args.replan}), got {args.inference_delay}")
     if backend_factory is None:
         backend_factory = functools.partial(LiberoBackend, args.libero_assets)
     backend = backend or backend_factory()  # before connecting: fail fast where LIBERO or its assets are missing

@@ -142,8 +142,9 @@ def evaluate(
     the env's default cameras at 64x64 when videos are asked for, and nothing otherwise).
     shift: a test-time visual shift of the rendered images ("camera", "lighting", "colour"; envs.metaworld).
     compile: torch.compile an in-process checkpoint's inference stages (see EvalArgs.compile).
-    obs_delay: observation latency d (0 <= d < replan): from the second chunk of an episode on, the policy is
-    given the observation made d steps before the re-planning time, and the actions executed are those its chunk
+    obs_delay: observation latency d (0 <= d <= replan): from the second chunk of an episode on, the policy is
+    given the observation made d steps before the re-planning time (d = replan: at the start of the segment, as with
+    inference that takes a whole segment and runs back to back), and the actions executed are those its chunk
     plans for "now", chunk[d : d + replan] (latency compensation, as on a real robot with a slow camera; the first
     chunk, planned while the robot is still, runs from index 0). It needs horizon >= d + replan.
     steps: denoising steps per chunk of an in-process checkpoint (default: the checkpoint's).
@@ -189,9 +190,9 @@ def evaluate(
         k = replan or max(1, adapter.horizon // 2)
         if not 1 <= k <= adapter.horizon:
             raise ValueError(f"replan must be in 1..{adapter.horizon} (the policy's chunk length), got {k}")
-        if not 0 <= obs_delay < k or obs_delay + k > adapter.horizon:
+        if not 0 <= obs_delay <= k or obs_delay + k > adapter.horizon:
             what = "inference_delay" if chunking else "obs_delay"
-            raise ValueError(f"{what} must be in 0..replan-1 ({k - 1}) with {what} + replan <= the chunk "
+            raise ValueError(f"{what} must be in 0..replan ({k}) with {what} + replan <= the chunk "
                              f"length ({adapter.horizon}), got {obs_delay}")
         if chunking == "rtc" and not adapter.realtime_chunking:
             raise ValueError(f"chunking rtc needs a policy that takes the previous chunk (real-time chunking); "
@@ -296,7 +297,7 @@ class EvalArgs:
     progress: bool = True  # show a progress bar
     # Evaluation axes (see `evaluate`): a test-time visual shift, and observation latency with compensation.
     shift: Literal["none", "camera", "lighting", "colour"] = "none"
-    obs_delay: int = 0  # steps the observation lags the robot at each re-plan (0..replan-1)
+    obs_delay: int = 0  # steps the observation lags the robot at each re-plan (0..replan)
     # torch.compile the checkpoint's inference stages (small_cpu on the 2-core VM: fast calls 1.6x faster, joint /
     # idm 1.15x; the first calls of each batch shape compile; compiled actions equal eager ones to ~1e-6, see
     # `fastwam bench latency --compile`)
@@ -304,7 +305,7 @@ class EvalArgs:
     steps: int = 0  # denoising steps per chunk (0 = the checkpoint's; a distilled run's is what it was made for)
     # Asynchronous execution: the robot keeps executing the previous chunk while the next one is computed.
     async_: Annotated[bool, tyro.conf.arg(name="async")] = False
-    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan-1)
+    inference_delay: int = 0  # with --async: control steps that pass while a chunk is computed (0..replan)
     # with --async: how the new chunk takes over: sync = the robot waits instead (today's behaviour), naive = switch at
     # once, rtc = real-time chunking (the new chunk's first actions are those that ran, the rest continues them)
     chunking: Literal["sync", "naive", "rtc"] = "rtc"
