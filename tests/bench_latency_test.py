@@ -55,3 +55,10 @@ def test_step_counts_are_timed_round_robin(monkeypatch, capsys):
     json.loads(capsys.readouterr().out)
     sweep_calls = calls[1 + 1 + 3:]  # after the plain mode's first call, warm-up and iterations
     assert sweep_calls == [1, 4] * (1 + 1 + 3)  # first calls, warm-up, then the timed rounds: interleaved
+
+
+def test_stages_time_the_fast_paths_parts(capsys):
+    assert latency.cli(["--preset", "tiny", "--modes", "fast", "--iters", "2", "--warmup", "0", "--stages",
+                        "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages_p50_ms"]
+    assert set(stages) >= {"condition", "prefill", "action_step"} and all(v > 0 for v in stages.values())

@@ -11,6 +11,9 @@ p50 per N, the speed-up over the largest N, and the action-expert calls per chun
 denoising loop scale with it). --rtc adds each N with real-time-chunking guidance (`model/rtc.py`; one vector-Jacobian
 product per step, so a guided step costs about a forward and a backward of the action expert).
 
+--stages: the fast path's parts timed apart (p50 ms of codec encode, conditioning, first-frame prefill, one action
+step; eager, round-robin): the fixed cost one-step sampling keeps, and the cost of each step.
+
 --compile: `FastWAM.compile_inference` (CUDA graphs on GPU). The first call per mode (compilation) is reported apart
 as `first_call_s`, and each mode's compiled actions are compared with the eager ones (`max_abs_diff_vs_eager`).
 """
@@ -49,6 +52,9 @@ class LatencyArgs:
     device: str = "auto"  # auto = cuda if available else cpu
     dtype: str = "auto"  # auto = bf16 on cuda, fp32 on cpu
     threads: int = 0  # CPU threads (0 = torch default)
+    # Also time the fast path's parts once each: codec encode, conditioning, first-frame prefill, one action step
+    # (`stages` in the JSON: what one-step sampling cannot remove, and what each step adds).
+    stages: bool = False
     compile: bool = False  # torch.compile every inference stage (CUDA graphs on GPU); first call excluded, reported
     json: bool = False
     out: str = ""  # also write the JSON report to this file
@@ -176,6 +182,27 @@ def run(args: LatencyArgs) -> dict:
         most = str(max(counts))
         for entry in sweep.values():
             entry["speedup_vs_%s_steps" % most] = round(sweep[most]["fast"]["p50_ms"] / entry["fast"]["p50_ms"], 2)
+    stages = {}
+    if args.stages:
+        from fastwam.model import flow
+        from fastwam.model.fastwam import MODE_RULES
+
+        rule = MODE_RULES["fast"]
+        first = codec.encode(frame) if codec is not None else latent
+        video_ctx, action_ctx = model.condition(text, state)
+        cache = model.prefill(first, video_ctx, rule)
+        layout = cache.action_layout(rule, action_noise.shape[1])
+        sigmas = flow.euler_sigmas(args.steps, flow.DEFAULT_SHIFT, device=device)
+        parts = {
+            "condition": lambda: model.condition(text, state),
+            "prefill": lambda: model.prefill(first, video_ctx, rule),
+            "action_step": lambda: model.action_step(action_noise, sigmas[0], sigmas[1], cache, action_ctx, rule,
+                                                     layout),
+        }
+        if codec is not None:
+            parts = {"codec_encode": lambda: codec.encode(frame), **parts}
+        with torch.no_grad():
+            stages = {name: stats["p50_ms"] for name, (_, stats) in timed_together(parts).items()}
     report = {
         "benchmark": "latency",
         "preset": cfg.name,
@@ -189,6 +216,8 @@ def run(args: LatencyArgs) -> dict:
         "machine": machine_info(device, dtype),
         "modes": results,
     }
+    if stages:
+        report["stages_p50_ms"] = stages
     if sweep:
         report["step_counts"] = sweep
         report["rtc_delay"] = delay if args.rtc else None
