@@ -33,7 +33,15 @@ from fastwam.model.fastwam import FastWAM, TrainingNoise
 from fastwam.model.visibility import get_variant
 from fastwam.presets import PresetArgs, parse_with_preset
 from fastwam.training import distill, monitor, runs
-from fastwam.training.distributed import Dist, any_rank, barrier, init_distributed, mean_across_ranks, wrap_model
+from fastwam.training.distributed import (
+    Dist,
+    any_rank,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    shutdown_distributed,
+    wrap_model,
+)
 from fastwam.training.steps import (
     MixedBatches,
     StepBatches,
@@ -172,6 +180,16 @@ def train(
     interrupted; resuming continues the same schedule. Ctrl-C stops after the current step with a checkpoint.
     """
     d = init_distributed()
+    try:
+        result = _train(cfg, out, resume, dataset, val_dataset, progress, log_all_steps, stop_at, accept_changes, d)
+    except BaseException:
+        shutdown_distributed(d, clean=False)
+        raise
+    shutdown_distributed(d)
+    return result
+
+
+def _train(cfg, out, resume, dataset, val_dataset, progress, log_all_steps, stop_at, accept_changes, d: Dist):
     run_dir = Path(out)
     check_train_settings(cfg.train)
     ckpt = runs.find_resume_checkpoint(run_dir, resume)

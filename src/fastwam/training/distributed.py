@@ -20,13 +20,34 @@ class Dist:
         return self.rank == 0
 
 
+_OWN_GROUP = False  # whether init_distributed created the process group (then shutdown_distributed ends it)
+
+
 def init_distributed() -> Dist:
+    global _OWN_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _OWN_GROUP = True
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed(d: Dist, clean: bool = True) -> None:
+    """End the process group init_distributed created (one the caller made is left to the caller).
+
+    Left to interpreter exit, gloo's worker threads are torn down in no particular order and a rank can die with
+    "terminate called without an active exception" (SIGABRT) after training finished. clean: every rank got here
+    normally, so they wait for each other first; after an error a rank leaves without waiting (others may be gone).
+    """
+    global _OWN_GROUP
+    if d.world == 1 or not _OWN_GROUP or not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def mean_across_ranks(x: torch.Tensor, d: Dist) -> torch.Tensor:
