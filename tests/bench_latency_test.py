@@ -57,6 +57,25 @@ def test_step_counts_are_timed_round_robin(monkeypatch, capsys):
     assert sweep_calls == [1, 4] * (1 + 1 + 3)  # first calls, warm-up, then the timed rounds: interleaved
 
 
+def test_modes_are_timed_round_robin(monkeypatch, capsys):
+    """fast / joint / idm interleaved too: their speed-ups are ratios that a slow spell must not tilt."""
+    from fastwam.model.fastwam import FastWAM
+
+    calls = []
+    real_sample = FastWAM.sample
+
+    def recording_sample(self, *args, mode="fast", **kwargs):
+        calls.append(mode)
+        return real_sample(self, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(FastWAM, "sample", recording_sample)
+    assert latency.cli(["--preset", "tiny", "--modes", "fast,joint", "--iters", "2", "--warmup", "1", "--steps",
+                        "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["modes"]) == {"fast", "joint"}
+    assert calls == ["fast", "joint"] * (1 + 1 + 2)
+
+
 def test_stages_time_the_fast_paths_parts(capsys):
     assert latency.cli(["--preset", "tiny", "--modes", "fast", "--iters", "2", "--warmup", "0", "--stages",
                         "--json"]) == 0

@@ -3,7 +3,8 @@
 Random weights are fine: latency does not depend on the values. What is timed, per call: encoding the first
 frame with the preset's codec (pixel / DCT; for the Wan VAE preset the latents are given, as in the paper's
 "model forward only" numbers) and the full `FastWAM.sample` (prefill + denoising loop). Text embeddings are cached
-per instruction in real use, so they are excluded. CUDA timings synchronise before reading the clock.
+per instruction in real use, so they are excluded. CUDA timings synchronise before reading the clock. The modes
+are timed round-robin (one call of each per iteration), so that a slow spell of the machine tilts no ratio.
 
 --step-counts 1,2,4,10: the fast path timed at each denoising step count, side by side and round-robin (one call of
 each per iteration, so that the machine's slow spells fall on every count alike; `step_counts` in the JSON:
@@ -147,9 +148,6 @@ def run(args: LatencyArgs) -> dict:
             "first_call_s": round(first[name][1], 4),  # 0.1 ms resolution: a tiny model's first call takes a few ms
         }) for name, ts in times.items()}
 
-    def timed(fn) -> tuple[torch.Tensor, dict]:
-        return timed_together({"": fn})[""]
-
     modes = [x.strip() for x in args.modes.split(",") if x.strip()]
     counts = [int(x) for x in args.step_counts.split(",") if x.strip()]
     if any(n < 1 for n in counts):
@@ -159,8 +157,9 @@ def run(args: LatencyArgs) -> dict:
         eager_actions = {mode: once(mode) for mode in modes}
         model.compile_inference()
     results = {}
-    for mode in modes:
-        actions, results[mode] = timed(lambda mode=mode: once(mode))
+    # Round-robin over the modes as over the step counts: the speed-up of fast over joint / IDM is a ratio too.
+    for mode, (actions, stats) in timed_together({mode: lambda mode=mode: once(mode) for mode in modes}).items():
+        results[mode] = stats
         if mode in eager_actions:
             results[mode]["max_abs_diff_vs_eager"] = float((actions - eager_actions[mode]).abs().max())
     sweep = {}
