@@ -209,3 +209,28 @@ def test_rtc_guidance_never_overshoots_in_one_step_and_leaves_ten_steps_alone():
     x = torch.randn(1, 4, 4)
     v = guide.guided_velocity(lambda z: k + 0 * z, x, 1.0, 0.0)
     torch.testing.assert_close(flow.euler_step(x, v, 1.0, 0.0), target)
+
+
+def test_async_runner_drives_a_real_policy_from_a_background_thread(policy):
+    """The robot-side loop with the in-process policy and real threads: every request is accepted (the previous
+    chunk and delay it sends are valid), the robot gets finite actions every tick, and the replies are the policy's
+    own chunks (each executed action is one of them)."""
+    from fastwam.serving.realtime import AsyncChunkRunner
+
+    replies = []
+    real_infer = policy.infer
+
+    def recording_infer(obs, **kwargs):
+        reply = real_infer(obs, **kwargs)
+        replies.append(reply["actions"])
+        return reply
+
+    wrapped = type("Wrapped", (), {"infer": staticmethod(recording_infer), "reset": policy.reset})()
+    with AsyncChunkRunner(wrapped, replan=4, chunking="rtc") as runner:
+        actions = [runner.act(_obs(policy, seed=t)) for t in range(24)]
+        runner.reset()
+    assert all(a.shape == (policy.cfg.model.action_dim,) and np.isfinite(a).all() for a in actions)
+    assert runner.stats.requests >= 24 // 4 and runner.stats.ticks == 24
+    executed = np.stack(actions)
+    pool = np.concatenate(replies)
+    assert all(np.isclose(pool, a).all(axis=1).any() for a in executed)

@@ -7,9 +7,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 # The public API, resolved on first use so `import fastwam` stays light (no torch import until needed): loading a
-# checkpoint as a policy or a bare model, the configuration system, and Wan weights for the video expert.
+# checkpoint as a policy or a bare model, a client of `fastwam serve` and the robot-side asynchronous loop, the
+# configuration system, and Wan weights for the video expert.
 _LAZY = {
     "FastWAMPolicy": "fastwam.policy",
+    "WebsocketClient": "fastwam.serving.client",
+    "AsyncChunkRunner": "fastwam.serving.realtime",
     "load_model": "fastwam.loading",
     "Config": "fastwam.config",
     "ModelConfig": "fastwam.config",
