@@ -1,6 +1,7 @@
 """Contracts of acting in real time: any step count, and real-time chunking (RTC) in the model and the policy."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -234,3 +235,18 @@ def test_async_runner_drives_a_real_policy_from_a_background_thread(policy):
     executed = np.stack(actions)
     pool = np.concatenate(replies)
     assert all(np.isclose(pool, a).all(axis=1).any() for a in executed)
+
+
+def test_bench_realtime_reports_delays_stalls_and_the_loops_timing(checkpoint, capsys):
+    from fastwam.bench import realtime as bench_realtime
+
+    assert bench_realtime.cli(["--checkpoint", str(checkpoint), "--hz", "500", "--ticks", "24", "--replan", "4",
+                               "--step-counts", "1,2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["replan"] == 4 and report["chunking"] == "rtc" and report["inference_delay"] == "learnt"
+    assert set(report["step_counts"]) == {"1", "2"}
+    for r in report["step_counts"].values():
+        assert r["ticks"] == 24 and r["requests"] >= 24 // 4
+        assert sum(r["delay_counts"].values()) <= r["requests"] - 1  # the episode's first chunk is no measurement
+        assert r["act_ms"]["p50"] <= r["act_ms"]["max"] and r["inference_ms"]["p50"] > 0
+        assert 0 <= r["planned_delay_at_end"] <= 4 and r["missed_deadlines"] >= 0

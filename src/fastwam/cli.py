@@ -38,6 +38,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "latency"): ("fastwam.bench.latency:cli", "observation -> action latency per inference mode (JSON)"),
     ("bench", "data"): ("fastwam.bench.data:cli", "training data loader throughput (JSON)"),
     ("bench", "train"): ("fastwam.bench.train:cli", "training step rate and overhead share (JSON)"),
+    ("bench", "realtime"): ("fastwam.bench.realtime:cli", "a robot loop at a control rate, inference beside it (JSON)"),
     ("bench", "serve"): ("fastwam.bench.serve:cli", "websocket server latency / throughput under N clients (JSON)"),
     ("bench", "memory"): ("fastwam.bench.memory:cli", "peak host RAM while loading a checkpoint (JSON)"),
     ("viz", "masks"): ("fastwam.viz:masks_cli", "draw each variant's attention mask"),
