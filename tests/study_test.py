@@ -513,6 +513,8 @@ def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, 
     assert "| A | distilled, 1 step | async rtc, delay 1 |" in report
     assert "| A | plain, 10 steps | async naive, delay 1 |" in report
     assert "(reference)" in report and (out / "realtime_steps.png").is_file()
+    assert (out / "realtime_async.png").is_file()
+    assert "![success and seam smoothness against the inference delay](realtime_async.png)" in report
     assert "## Against the targets" in report and "- A, plain, 10 steps, delay 1: rtc " in report
     # A second training seed the other study does not have: one line, the rest still runs.
     with pytest.raises(RuntimeError, match="train_A_fast_s1"):

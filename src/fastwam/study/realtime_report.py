@@ -236,6 +236,63 @@ def _plot(out: Path, points: list) -> Path | None:
     return path
 
 
+def _plot_async(out: Path, table: dict, facts: list) -> Path | None:
+    """Success against synchronous execution, and the seam / within-chunk jump ratio, over the inference delay:
+    one column per sampler, naive and rtc in colour, cells in line style; synchronous execution is the reference."""
+    pts = [f for f in facts if f[3] is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(model for _, model, _, _, _, _ in pts))
+    cells = list(dict.fromkeys(cell for cell, _, _, _, _, _ in pts))
+    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False, sharey="row")
+    styles = ["-", "--", ":", "-."]
+    for col, model in enumerate(models):
+        top, bottom = axes[0][col], axes[1][col]
+        top.axhline(0, color="grey", lw=0.8)
+        for ci, cell in enumerate(cells):
+            ls = styles[ci % len(styles)]
+            base_seam, base_within = _smoothness(table, cell, model, BASE)
+            if base_seam is not None and base_within:
+                bottom.axhline(base_seam / base_within, color="grey", ls=ls, lw=0.8)
+            for chunking, colour in (("naive", "tab:orange"), ("rtc", "tab:blue")):
+                sel = sorted((int(cond[len(f"async_{chunking}"):]), diff, seam, within)
+                             for cell_, model_, cond, diff, seam, within in pts
+                             if cell_ == cell and model_ == model and cond.startswith(f"async_{chunking}"))
+                if not sel:
+                    continue
+                ds = [d for d, _, _, _ in sel]
+                est = [100 * r["estimate"] for _, r, _, _ in sel]
+                err = [[100 * (r["estimate"] - r["ci95"][0]) for _, r, _, _ in sel],
+                       [100 * (r["ci95"][1] - r["estimate"]) for _, r, _, _ in sel]]
+                shift = (ci - (len(cells) - 1) / 2) * 0.08 + (0.04 if chunking == "rtc" else -0.04)
+                top.errorbar([d * (1 + shift) for d in ds], est, yerr=err, color=colour, ls=ls, marker="o",
+                             ms=3, capsize=2, label=f"{chunking}, {cell}")
+                ratio = [(d, seam / within) for d, _, seam, within in sel if seam is not None and within]
+                if ratio:
+                    bottom.plot(*zip(*ratio), color=colour, ls=ls, marker="o", ms=3)
+        top.set_title(_model_label(model))
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({int(c[len("async_naive"):]) if c.startswith("async_naive")
+                                  else int(c[len("async_rtc"):]) for _, m, c, _, _, _ in pts if m == model}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        bottom.set_xlabel("inference delay, control steps")
+    axes[0][0].set_ylabel("success vs synchronous, points")
+    axes[1][0].set_ylabel("seam / within-chunk jump\n(grey: synchronous)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Asynchronous execution: naive switching vs real-time chunking")
+    fig.tight_layout()
+    path = out / "realtime_async.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_realtime_report(out: Path, runs: dict, args: Any, conds: list[str]) -> Path:
     out = Path(out)
     table = load(runs)
@@ -257,6 +314,9 @@ def write_realtime_report(out: Path, runs: dict, args: Any, conds: list[str]) ->
     path = _plot(out, points)
     if path is not None:
         lines += [f"![success against latency]({path.name})", ""]
+    path = _plot_async(out, table, facts)
+    if path is not None:
+        lines += [f"![success and seam smoothness against the inference delay]({path.name})", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
