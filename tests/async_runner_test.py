@@ -169,3 +169,10 @@ def test_a_chunk_shorter_than_replan_is_refused():
     policy = Short()
     with pytest.raises(ValueError, match=r"shape \[2, 2\].*H >= replan \(4\)"):
         AsyncChunkRunner(policy, replan=4, submit=policy.submit).act({})
+
+
+def test_rtc_with_no_delay_sends_plain_requests_and_waits():
+    policy = ScriptedPolicy()
+    runner = AsyncChunkRunner(policy, replan=8, chunking="rtc", inference_delay=0, submit=policy.submit)
+    assert _run(runner, 10) == [0, 1, 2, 3, 4, 5, 6, 7, 100, 101]  # a segment of 8 is the whole chunk: no overlap
+    assert all(kwargs == {} for _, kwargs in policy.requests)

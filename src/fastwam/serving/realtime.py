@@ -175,7 +175,8 @@ class AsyncChunkRunner:
         if self.chunking == "rtc" and running:
             prev = self._chunk[self._index:]
             delay = min(delay, len(prev))
-            kwargs.update(prev_chunk=prev, inference_delay=delay)
+            if delay > 0:  # with nothing executing meanwhile the reply is plain sampling anyway
+                kwargs.update(prev_chunk=prev, inference_delay=delay)
         future = self._submit(self.policy.infer, observation, **kwargs)
         self._pending = _Request(future, self._tick, delay, measured=running and self.chunking != "sync")
         self.stats.requests += 1
