@@ -169,9 +169,10 @@ class TrainConfig:
     init_from_wan: str = ""
     # Initialise from a fastwam run (a `fastwam pretrain` video prior, or any policy run): its video expert (and state
     # projection, where both have one) is copied; the action expert is interpolated from the video expert as from Wan
-    # weights (init_action "interpolate") or left random ("random"). The codec and text encoder come from that run.
+    # weights (init_action "interpolate"), left random ("random"), or copied from a policy source of the same shapes
+    # ("copy": fine-tuning a trained policy, e.g. for action_prefix_max). The codec and text encoder come from that run.
     init_from: str = ""
-    init_action: Literal["interpolate", "random"] = "interpolate"
+    init_action: Literal["interpolate", "random", "copy"] = "interpolate"
     # Recorded when the run starts (not options): the source checkpoint's step and the sha256 of its weights file.
     init_from_step: int = 0
     init_from_sha256: str = ""
@@ -184,6 +185,10 @@ class TrainConfig:
     # Recorded when the run starts (not options): the teacher checkpoint's step and the sha256 of its weights file.
     distill_teacher_step: int = 0
     distill_teacher_sha256: str = ""
+    # Training-time action conditioning (real-time chunking without guidance; `model/rtc.py`): each labelled clip's
+    # first d ~ U{0..N} actions are given clean (timestep 0) and left out of the loss, so that at inference a chunk
+    # can be conditioned on the actions that run while it is computed. 0 = off (the official objective, exactly).
+    action_prefix_max: int = 0
     fsdp: bool = False  # multi-GPU: shard with FSDP2 (fully_shard) instead of DDP (the 5B preset)
     random_shift: int = 0  # augmentation: random translation of the clip's frames by up to N pixels
     ema_decay: float = 0.0  # 0 = no EMA (the official code has none)

@@ -97,14 +97,20 @@ class FastWAMPolicy:
         text_cache_entries: int = 1024,
         text_cache_mb: float = 256.0,
         steps: int | None = None,
+        rtc_method: str | None = None,
     ):
         """`checkpoint`: a display name for `metadata` (never a path: metadata goes to every client);
         `checkpoint_info`: its step / sha256 (`validate.checkpoint_identity`). `max_image_side` (0 =
         `default_max_image_side`) and `max_prompt_chars`: the limits `metadata` declares to clients. The
         prompt-embedding cache keeps at most `text_cache_entries` prompts and `text_cache_mb` MiB (least recently
         used go first). `steps`: Euler denoising steps per chunk (default: the checkpoint's `inference.steps`, which a
-        distilled run sets to the step count it was made for)."""
+        distilled run sets to the step count it was made for). `rtc_method`: how a request's previous chunk is
+        continued (`model/rtc.py`): "guidance" (any model) or "prefix" (a model trained with train.action_prefix_max);
+        default: prefix when the checkpoint was trained for it, else guidance."""
         self.cfg = cfg
+        self.rtc_method = rtc_method or ("prefix" if cfg.train.action_prefix_max > 0 else "guidance")
+        if self.rtc_method not in ("guidance", "prefix"):
+            raise ValueError(f"rtc_method must be guidance or prefix, got {rtc_method!r}")
         self.steps = int(steps) if steps else int(cfg.inference.steps)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -136,7 +142,8 @@ class FastWAMPolicy:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, mode: str | None = None, device: str | None = None, seed: int = 0, use_ema: bool = True,
-        dtype: str | torch.dtype = "auto", compile: bool = False, steps: int | None = None, **limits,
+        dtype: str | torch.dtype = "auto", compile: bool = False, steps: int | None = None,
+        rtc_method: str | None = None, **limits,
     ) -> FastWAMPolicy:
         """Load a checkpoint directory (or a run directory: its latest checkpoint) from local disk only.
 
@@ -153,7 +160,7 @@ class FastWAMPolicy:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         policy = cls(checked.config, model, checked.norm_stats, mode=mode, device=device, seed=seed,
                      checkpoint=checked.identity["name"], dtype=dtype, compile=compile,
-                     checkpoint_info=checked.identity, steps=steps, **limits)
+                     checkpoint_info=checked.identity, steps=steps, rtc_method=rtc_method, **limits)
         validate.check_inference(policy, checked.path)
         return policy
 
@@ -176,6 +183,7 @@ class FastWAMPolicy:
             # Real-time chunking: a request may carry `prev_chunk` (the previous chunk's actions from the
             # observation's time on, [L, A]) and `inference_delay` (how many of them run while this one is computed).
             "realtime_chunking": True,
+            "realtime_method": self.rtc_method,  # guidance, or prefix (trained with train.action_prefix_max)
             # Actions are predicted at the dataset's control rate; video frames are `frame_stride` steps apart.
             "frame_stride": self.cfg.data.frame_stride,
             # A name, step and content hash, never a path: metadata is sent to every client.
@@ -346,7 +354,8 @@ class FastWAMPolicy:
         for i, prev, d in pinned:
             target[i, : len(prev)] = self.normalizer.normalize("action", torch.from_numpy(prev))
             weights[i] = rtc_weights(m.action_horizon, len(prev), d)
-        return ActionGuide(target, weights, torch.tensor([d for _, d in checked]), DEFAULT_MAX_GUIDANCE), pinned
+        delay = torch.tensor([d for _, d in checked])
+        return ActionGuide(target, weights, delay, DEFAULT_MAX_GUIDANCE, self.rtc_method), pinned
 
     def _embed(self, prompt: str) -> torch.Tensor:
         """The prompt's text embedding, through the bounded LRU (`text_cache`) rather than the encoder's own cache,

@@ -105,7 +105,7 @@ def stats_dict(dataset) -> dict | None:
 
 # Train settings that must be positive / non-negative (the rest are typed by the config and checked where used).
 _POSITIVE = ("steps", "batch_size", "grad_accum", "log_every", "save_every")
-_NON_NEGATIVE = ("keep_last", "val_every", "sample_every", "threads", "random_shift")
+_NON_NEGATIVE = ("keep_last", "val_every", "sample_every", "threads", "random_shift", "action_prefix_max")
 
 
 def check_train_settings(tc) -> None:
@@ -224,6 +224,14 @@ def _set_up(cfg: Config, ckpt: Path | None, dataset, val_dataset, accept_changes
         if cfg.train.variant == "video":
             raise UserError("--init-from starts a policy from a video prior; `fastwam pretrain` starts from scratch")
         cfg = init_from.recorded_source(cfg, saved) if saved is not None else init_from.adopt_source(cfg, d.main)
+    if cfg.train.action_prefix_max:
+        horizon = cfg.model.action_horizon
+        if cfg.train.variant == "video" or cfg.train.distill_steps:
+            raise UserError("train.action_prefix_max conditions a policy's action chunks on their leading actions: "
+                            "it needs an action objective (not `fastwam pretrain`, not `fastwam distill`)")
+        if cfg.train.action_prefix_max >= horizon:
+            raise UserError(f"train.action_prefix_max ({cfg.train.action_prefix_max}) must be below the chunk "
+                            f"length ({horizon}): some action must be left to predict")
     if cfg.train.distill_steps:
         distill.check_settings(cfg)
         cfg = distill.recorded_teacher(cfg, saved) if saved is not None else distill.adopt_teacher(cfg)
@@ -398,7 +406,8 @@ def _step(t: _Trainer, step: int, batches: StepBatches) -> tuple[torch.Tensor, f
             # One draw for the whole global batch; this rank's micro-batch takes its slice.
             video_shape = (tc.batch_size, *inputs["latents"].shape[1:])
             action_shape = inputs["actions"].shape[1:] if inputs["actions"] is not None else (1, 1)
-            noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *action_shape), gen)
+            noise = TrainingNoise.draw(variant, video_shape, (tc.batch_size, *action_shape), gen,
+                                       action_prefix_max=tc.action_prefix_max)
         start = (d.rank * tc.grad_accum + a) * micro
         sync = contextlib.nullcontext() if (a == tc.grad_accum - 1 or d.world == 1) else t.wrapped.no_sync()
         autocast = torch.autocast(t.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()

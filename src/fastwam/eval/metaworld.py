@@ -121,6 +121,7 @@ def evaluate(
     steps: int | None = None,
     inference_delay: int = 0,
     chunking: str | None = None,
+    rtc_method: str | None = None,
 ) -> dict:
     """Evaluate closed loop; returns the results dict (also written to out_dir/results.json when out_dir is given).
 
@@ -183,7 +184,8 @@ def evaluate(
         raise ValueError(f"inference_delay must be >= 0, got {inference_delay}")
     if chunking in ("naive", "rtc"):
         obs_delay = inference_delay  # the observation is d steps old when the new chunk takes over
-    adapter = _resolve_policy(policy_or_checkpoint, server, slots, horizon, device, policy_seed, compile, steps)
+    adapter = _resolve_policy(policy_or_checkpoint, server, slots, horizon, device, policy_seed, compile, steps,
+                              rtc_method)
     previous_threads: int | None = None
     try:
         _check_seeds(adapter, task_list, seed_list)
@@ -252,6 +254,8 @@ def evaluate(
             results["config"].update(shift=shift, obs_delay=obs_delay, compile=compile)
             if chunking is not None:
                 results["config"].update(chunking=chunking, inference_delay=inference_delay)
+            if rtc_method is not None:
+                results["config"].update(rtc_method=rtc_method)
             if out is not None:  # results.json last: its presence means the evaluation ran (ablate's done marker)
                 outcome, timing = split_timing(results)
                 write_text_atomic(out / "summary.md", summary_markdown(results))
@@ -309,6 +313,9 @@ class EvalArgs:
     # with --async: how the new chunk takes over: sync = the robot waits instead (today's behaviour), naive = switch at
     # once, rtc = real-time chunking (the new chunk's first actions are those that ran, the rest continues them)
     chunking: Literal["sync", "naive", "rtc"] = "rtc"
+    # with --chunking rtc: guidance (inpainting, any model) or prefix (the executing actions given clean, for a model
+    # trained with --config.train.action-prefix-max); auto = prefix if the checkpoint was trained for it
+    rtc_method: Literal["auto", "guidance", "prefix"] = "auto"
 
 
 def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
@@ -334,6 +341,7 @@ def cli(argv: list[str], prog: str = "fastwam eval metaworld") -> int:
         progress=args.progress, shift=args.shift, obs_delay=args.obs_delay, compile=args.compile,
         steps=args.steps or None, inference_delay=args.inference_delay,
         chunking=args.chunking if args.async_ else None,
+        rtc_method=None if args.rtc_method == "auto" else args.rtc_method,
     )
     print(summary_markdown(results))
     if results["partial"]:

@@ -243,7 +243,7 @@ class _Scripted(_Adapter):
 
 def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: int, horizon: int | None,
                     device: str | None, policy_seed: int, compile: bool = False,
-                    steps: int | None = None) -> _Adapter:
+                    steps: int | None = None, rtc_method: str | None = None) -> _Adapter:
     if server:
         return _Server(server, num_slots)
     p = policy_or_checkpoint
@@ -255,7 +255,7 @@ def _resolve_policy(policy_or_checkpoint: Any, server: str | None, num_slots: in
         from fastwam.policy import FastWAMPolicy
 
         return _InProcess(FastWAMPolicy.from_pretrained(p, device=device, seed=policy_seed, compile=compile,
-                                                        steps=steps))
+                                                        steps=steps, rtc_method=rtc_method))
     if isinstance(p, _Adapter):
         return p
     if hasattr(p, "infer_batch") and hasattr(p, "camera_keys") and hasattr(p, "metadata"):

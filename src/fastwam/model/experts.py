@@ -124,7 +124,8 @@ class VideoExpert(Expert):
 
 
 class ActionExpert(Expert):
-    """The action chunk as tokens: Linear(action_dim -> hidden), 1-D RoPE over the index, one timestep per sample."""
+    """The action chunk as tokens: Linear(action_dim -> hidden), 1-D RoPE over the index, one timestep per sample (or
+    per action, for a clean prefix)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, cfg.action_hidden_dim, cfg.action_ffn_dim)
@@ -136,8 +137,10 @@ class ActionExpert(Expert):
         return self.proj_out(x)
 
     def to_stream(self, actions: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> Stream:
-        """actions [B, H, A]; timestep [B]; context: this expert's projected text."""
+        """actions [B, H, A]; timestep [B] (one per chunk) or [B, H] (per action: a clean prefix at 0, as
+        train.action_prefix_max trains); context: this expert's projected text."""
         h = actions.shape[1]
         cos_sin = tuple(r.to(actions.device) for r in rope(rope_1d, h, self.cfg.head_dim, self.cfg.rope_theta))
         first = torch.zeros(h, dtype=torch.bool, device=actions.device)
-        return self.stream(Group.ACTION, self.action_encoder(actions), timestep.reshape(-1, 1), cos_sin, first, context)
+        timestep = timestep if timestep.dim() == 2 else timestep.reshape(-1, 1)
+        return self.stream(Group.ACTION, self.action_encoder(actions), timestep, cos_sin, first, context)

@@ -41,9 +41,11 @@ class TrainingNoise:
     noise_a: torch.Tensor  # like actions
     sigma_c: torch.Tensor | None = None  # [B] IDM conditioning-video noise level (0 = clean)
     noise_c: torch.Tensor | None = None
+    prefix_a: torch.Tensor | None = None  # [B] leading actions given clean (train.action_prefix_max; None = none)
 
     @classmethod
-    def draw(cls, variant: Variant, latents_shape, actions_shape, generator=None, device=None, dtype=None):
+    def draw(cls, variant: Variant, latents_shape, actions_shape, generator=None, device=None, dtype=None,
+             action_prefix_max: int = 0):
         b = latents_shape[0]
         randn = lambda shape: torch.randn(*shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
         sigma_v = flow.sample_sigma(b, generator, device)
@@ -53,6 +55,8 @@ class TrainingNoise:
             noised = torch.rand(b, generator=generator, device=device) < variant.cond_noise_prob
             out.sigma_c = torch.where(noised, flow.sample_sigma(b, generator, device), torch.zeros_like(sigma_v))
             out.noise_c = randn(latents_shape)
+        if action_prefix_max > 0:  # drawn last: without it every other draw is what it always was
+            out.prefix_a = torch.randint(0, action_prefix_max + 1, (b,), generator=generator, device=device)
         return out
 
     def slice(self, start: int, end: int) -> TrainingNoise:
@@ -169,6 +173,8 @@ class FastWAM(nn.Module):
         if fwd.action_velocity is not None:
             err_a = (fwd.action_velocity.float() - fwd.action_target.float()).pow(2).mean(-1)  # [B, Ha]
             mask_a = torch.ones_like(err_a) if action_mask is None else action_mask.to(err_a.dtype)
+            if noise.prefix_a is not None:  # the given (clean) leading actions are inputs, not predictions
+                mask_a = mask_a * ~prefix_mask(noise.prefix_a, err_a.shape[1])
             loss_a = _weighted_sample_mean(err_a, mask_a, flow.loss_weight(noise.sigma_a), labelled)
 
         loss_v = torch.zeros((), device=latents.device)
@@ -222,7 +228,12 @@ class FastWAM(nn.Module):
                 keep = labelled.to(torch.bool)[:, None, None]
                 actions = torch.where(keep, actions, torch.zeros_like(actions))
             noisy_a = flow.add_noise(actions, noise_a, sigma_a)
-            streams.append(self.action.to_stream(noisy_a, 1000.0 * sigma_a, action_ctx))
+            timestep_a = 1000.0 * sigma_a
+            if noise.prefix_a is not None:  # training-time action conditioning: the prefix clean, at t = 0
+                clean = prefix_mask(noise.prefix_a, actions.shape[1])
+                noisy_a = torch.where(clean[..., None], actions, noisy_a)
+                timestep_a = torch.where(clean, 0.0, timestep_a[:, None])
+            streams.append(self.action.to_stream(noisy_a, timestep_a, action_ctx))
         outs = self._run(streams, variant.rule)
         out = TrainingForward(None, None)
         if run_actions:
@@ -292,10 +303,13 @@ class FastWAM(nn.Module):
         return record.keys, record.values
 
     def action_velocity(
-        self, x: torch.Tensor, sigma, cache: KVCache, action_ctx, rule: VisibilityRule, layout=None
+        self, x: torch.Tensor, sigma, cache: KVCache, action_ctx, rule: VisibilityRule, layout=None, clean=None
     ) -> torch.Tensor:
-        """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]. sigma: float or 0-d."""
+        """The action expert alone, attending to the cached prefix: velocity [B, Ha, A]. sigma: float or 0-d.
+        clean [B, Ha]: actions given clean (timestep 0) to a model trained with action_prefix_max."""
         timestep = torch.as_tensor(1000.0 * sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        if clean is not None:
+            timestep = torch.where(clean, 0.0, timestep[:, None])
         stream = self.action.to_stream(x, timestep, action_ctx)
         (out,) = self._run([stream], rule, cache=cache, layout=layout)
         return self.action.head(out)
@@ -393,6 +407,14 @@ class FastWAM(nn.Module):
             if guide is None:
                 for i in range(steps):
                     x_a = self._stage("action_step")(x_a, sigmas[i], sigmas[i + 1], cache, action_ctx, rule, layout)
+            elif guide.method == "prefix":  # the executing actions given clean: no guidance, no extra cost
+                guide = guide.to(device, dtype)
+                clean = prefix_mask(guide.delay, x_a.shape[1])
+                for i in range(steps):
+                    x_a = guide.pin(x_a)
+                    velocity = self.action_velocity(x_a, sigmas[i], cache, action_ctx, rule, layout, clean=clean)
+                    x_a = flow.euler_step(x_a, velocity, sigmas[i], sigmas[i + 1])
+                x_a = guide.pin(x_a)
             else:  # eager: each step differentiates the action expert once (a vector-Jacobian product)
                 guide = guide.to(device, dtype)
                 for i in range(steps):
@@ -460,6 +482,11 @@ class FastWAM(nn.Module):
             "state_proj": count(self.state_proj),
             "total": count(self),
         }
+
+
+def prefix_mask(prefix: torch.Tensor, horizon: int) -> torch.Tensor:
+    """[B] counts of leading actions -> [B, horizon] bool, True on each row's first `prefix[b]` actions."""
+    return torch.arange(horizon, device=prefix.device)[None, :] < prefix[:, None]
 
 
 def _future_euler_step(x_v: torch.Tensor, v_v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:

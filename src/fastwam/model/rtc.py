@@ -21,6 +21,12 @@ expert is differentiated: the video prefix is a cached constant, exactly as in p
 step the first d actions are set to the target's (they are what the robot executes; the guidance only made the
 rest continue them). With d = 0 and no overlap there is nothing to guide and sampling is the plain sampler's.
 
+Training-time action conditioning (`method = "prefix"`; Black, Ren, Equi and Levine 2025, "training-time RTC"): a model
+trained with train.action_prefix_max = N has seen chunks whose first d <= N actions were given clean (timestep 0) and
+left out of the loss. Sampling then simply feeds the d executing actions in clean at every step: no guidance, no
+vector-Jacobian product, the plain sampler's cost; the rest of the chunk continues them because that is what the model
+learnt, not because a guidance term pulls it there (nothing beyond the first d is targeted).
+
 Weights (the paper's eq. 5), for an overlap of L actions (the old chunk's remaining length) and delay d:
 W_i = 1 for i < d; W_i = c_i (e^{c_i} - 1) / (e - 1) with c_i = (L - i) / (L - d + 1) for d <= i < L; 0 for i >= L.
 """
@@ -56,14 +62,20 @@ class ActionGuide:
     weights: torch.Tensor
     delay: torch.Tensor
     max_guidance: float = DEFAULT_MAX_GUIDANCE
+    # "guidance": the soft, guided inpainting above (any model). "prefix": the first `delay` actions are given clean
+    # (timestep 0) at every step and nothing is guided, for a model trained so (train.action_prefix_max > 0): the
+    # sampler's cost stays plain sampling's.
+    method: str = "guidance"
 
     @property
     def active(self) -> bool:
+        if self.method == "prefix":
+            return bool((self.delay > 0).any())
         return bool((self.weights > 0).any())
 
     def to(self, device, dtype) -> ActionGuide:
         return ActionGuide(self.target.to(device, dtype), self.weights.to(device, dtype), self.delay.to(device),
-                           self.max_guidance)
+                           self.max_guidance, self.method)
 
     def guidance_scale(self, sigma: float) -> float:
         """c(sigma): beta at pure noise (where the formula divides by zero), falling to 0 at the data end."""

@@ -8,7 +8,8 @@ What is copied, and how:
 - the state projection, when the source has one of the same shape (a video prior has none: it stays random);
 - the action expert is made from the copied video expert by the rule used with Wan weights (`model/weights.py`,
   `init_action_expert_from_video`: every tensor resized by linear interpolation, the action encoder and head left
-  random), or left random altogether (`init_action = "random"`).
+  random), or left random altogether (`init_action = "random"`), or copied from a policy source whose action expert
+  has the same shapes (`init_action = "copy"`: fine-tuning a trained policy).
 
 The latents and the text embeddings the video expert learnt on are part of what it knows, so the new run takes the
 source's codec (a fitted DCT codec's statistics included) and text encoder. The run's config.json records the source
@@ -104,7 +105,14 @@ def initialise(model, cfg: Config) -> dict[str, list[str]]:
             report["random"] += [f"state_proj.{k}" for k in own]
     if model.action is not None:
         names = list(model.action.state_dict())
-        if cfg.train.init_action == "interpolate":
+        if cfg.train.init_action == "copy":
+            action = {k[len("action."):]: v for k, v in tensors.items() if k.startswith("action.")}
+            if not action:
+                raise UserError(f"--config.train.init-action copy: {weights} has no action expert (a video prior): "
+                                "interpolate it from the video expert or start it random instead")
+            _copy_exactly(model.action, action, weights, "action.", "action expert")
+            report["copied"] += [f"action.{k}" for k in names]
+        elif cfg.train.init_action == "interpolate":
             done = init_action_expert_from_video(model.video.state_dict(), model.action)
             report["interpolated"] += [f"action.{k}" for k in done]
             report["random"] += [f"action.{k}" for k in names if k not in done]
@@ -113,18 +121,19 @@ def initialise(model, cfg: Config) -> dict[str, list[str]]:
     return report
 
 
-def _copy_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path, prefix: str) -> None:
+def _copy_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path, prefix: str,
+                  what: str = "video expert") -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     if missing:
         raise UserError(f"{file}: the source has no {prefix}{missing[0]} ({len(missing)} tensor(s) missing): its "
-                        "video expert is not this model's")
+                        f"{what} is not this model's")
     for name, target in own.items():
         if tensors[name].shape != target.shape:
             raise UserError(f"{file}: {prefix}{name} is {tuple(tensors[name].shape)} in the source and "
-                            f"{tuple(target.shape)} in this model: give this run the source's video-expert "
+                            f"{tuple(target.shape)} in this model: give this run the source's {what} "
                             "settings (model.* in its config.json)")
     extra = sorted(set(tensors) - set(own))
     if extra:
-        raise UserError(f"{file}: the source has {prefix}{extra[0]}, which this model's video expert lacks")
+        raise UserError(f"{file}: the source has {prefix}{extra[0]}, which this model's {what} lacks")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
