@@ -540,8 +540,9 @@ class TrainArgs(PresetArgs):
     # Start from another fastwam run (a `fastwam pretrain` video prior, or any run): its video expert, codec and text
     # encoder (overrides --config.train.init-from).
     init_from: str = ""
-    # With --init-from: the action expert interpolated from the video expert (as from Wan weights), or random.
-    init_action: Literal["interpolate", "random"] | None = None
+    # With --init-from: the action expert interpolated from the video expert (as from Wan weights), random, or copied
+    # from a policy source of the same shapes (copy: fine-tune a trained policy).
+    init_action: Literal["interpolate", "random", "copy"] | None = None
     # Co-train with an action-free LeRobot dataset (same cameras): its clips add to the video loss only.
     video_dataset: str = ""
     # Share of each batch taken from --video-dataset (exact: round(ratio x batch) clips; default 0.5).
