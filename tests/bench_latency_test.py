@@ -34,6 +34,7 @@ def test_step_counts_are_reported_side_by_side(capsys):
     for n, entry in report["step_counts"].items():
         assert entry["action_expert_calls"] == int(n)
         assert entry["fast"]["p50_ms"] > 0 and entry["fast_rtc"]["p50_ms"] > 0
+        assert entry["fast_rtc_prefix"]["p50_ms"] > 0  # a clean prefix instead of guidance
         assert entry["speedup_vs_4_steps"] > 0
     assert report["step_counts"]["4"]["speedup_vs_4_steps"] == 1.0
 

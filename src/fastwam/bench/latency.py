@@ -10,7 +10,8 @@ are timed round-robin (one call of each per iteration), so that a slow spell of 
 each per iteration, so that the machine's slow spells fall on every count alike; `step_counts` in the JSON:
 p50 per N, the speed-up over the largest N, and the action-expert calls per chunk, which is N: the FLOPs of the
 denoising loop scale with it). --rtc adds each N with real-time-chunking guidance (`model/rtc.py`; one vector-Jacobian
-product per step, so a guided step costs about a forward and a backward of the action expert).
+product per step, so a guided step costs about a forward and a backward of the action expert), and with the clean
+prefix that a model trained with action_prefix_max continues instead (`fast_rtc_prefix`: no guidance).
 
 --stages: the fast path's parts timed apart (p50 ms of codec encode, conditioning, first-frame prefill, one action
 step; eager, round-robin): the fixed cost one-step sampling keeps, and the cost of each step.
@@ -21,6 +22,7 @@ as `first_call_s`, and each mode's compiled actions are compared with the eager 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -171,11 +173,13 @@ def run(args: LatencyArgs) -> dict:
         guide = ActionGuide(torch.randn(args.batch, h, m.action_dim, device=device, dtype=dtype),
                             rtc_weights(h, h // 2 + delay, delay).expand(args.batch, h).to(device, dtype),
                             torch.full((args.batch,), delay, device=device))
+        prefix = dataclasses.replace(guide, method="prefix")  # as a model trained with action_prefix_max samples
         fns = {}
         for n in counts:
             fns[(n, "fast")] = lambda n=n: once("fast", n)
             if args.rtc:
                 fns[(n, "fast_rtc")] = lambda n=n: once("fast", n, guide)
+                fns[(n, "fast_rtc_prefix")] = lambda n=n: once("fast", n, prefix)
         for (n, kind), (_, stats) in timed_together(fns).items():
             sweep.setdefault(str(n), {"action_expert_calls": n})[kind] = stats
         most = str(max(counts))
@@ -239,6 +243,7 @@ def cli(argv: list[str], prog: str = "fastwam bench latency") -> int:
         for mode, r in report["modes"].items():
             print(f"{mode:>6}: p50 {r['p50_ms']:.2f} ms  p90 {r['p90_ms']:.2f} ms")
         for n, r in report.get("step_counts", {}).items():
-            rtc = f"  (rtc p50 {r['fast_rtc']['p50_ms']:.2f} ms)" if "fast_rtc" in r else ""
+            rtc = (f"  (rtc p50 {r['fast_rtc']['p50_ms']:.2f} ms guided, {r['fast_rtc_prefix']['p50_ms']:.2f} ms "
+                   "prefix)" if "fast_rtc" in r else "")
             print(f"fast, {n:>3} step(s): p50 {r['fast']['p50_ms']:.2f} ms{rtc}")
     return 0
