@@ -182,3 +182,12 @@ def test_bad_prefix_settings_are_refused_in_one_line(tmp_path, change, message):
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, action_expert=False))
     with pytest.raises(UserError, match=message):
         train(cfg, tmp_path / "run", dataset=SyntheticClips(cfg.data, num_clips=4), progress=False)
+
+
+@pytest.mark.parametrize("flag, method", [("auto", "prefix"), ("guidance", "guidance")])
+def test_serve_takes_the_checkpoints_method_unless_told(prefix_run, flag, method):
+    from fastwam.serving import serve_cli
+    from fastwam.serving.server import ServeArgs
+
+    policy = serve_cli._load_policy(ServeArgs(checkpoint=str(prefix_run), rtc_method=flag, threads=1))
+    assert policy.metadata["realtime_method"] == method

@@ -75,7 +75,7 @@ def _load_policy(args: ServeArgs) -> Policy:
     logger.info("loading %s (mode=%s, %d torch thread(s))", args.checkpoint, args.mode, threads)
     policy = policy_thread().submit(
         FastWAMPolicy.from_pretrained, args.checkpoint, mode=args.mode, dtype=args.dtype, compile=args.compile,
-        seed=args.seed, steps=args.steps or None,
+        seed=args.seed, steps=args.steps or None, rtc_method=None if args.rtc_method == "auto" else args.rtc_method,
         max_image_side=args.max_image_side, max_prompt_chars=args.max_prompt_chars,
     ).result()
     meta = policy.metadata

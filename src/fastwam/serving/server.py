@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import websockets
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
@@ -411,6 +411,9 @@ class ServeArgs:
     """default inference mode (fast / joint / idm); a request may override it with a "mode" key"""
     steps: int = 0
     """denoising steps per chunk; 0 = the checkpoint's (a distilled run's is the step count it was made for)"""
+    rtc_method: Literal["auto", "guidance", "prefix"] = "auto"
+    """how requests with prev_chunk are continued: guidance, prefix (a checkpoint trained with action_prefix_max) or
+    auto (prefix when the checkpoint was trained for it)"""
     dtype: str = "auto"
     """model precision: auto = bf16 on CUDA, fp32 on CPU; or fp32 / bf16 / fp16"""
     seed: int = 0
