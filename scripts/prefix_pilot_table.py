@@ -75,7 +75,8 @@ def main() -> int:
                     guided = _arm(table, cell, "fast", f"rtc{d}") if model == "fast_p8" and kind == "rtc" else None
                     rows.append([label[model], name, "/".join(str(s) for s in sorted(arm)),
                                  _ci(_compare(arm), signed=False), _ci(_compare(arm, sync)),
-                                 _ci(_compare(arm, guided)) if guided else "-", _ratio(table, cell, model, f"{kind}{d}")])
+                                 _ci(_compare(arm, guided)) if guided else "-",
+                                 _ratio(table, cell, model, f"{kind}{d}")])
         print(f"### {cell}\n")
         print(markdown_table(["model", "condition", "seeds", "success", "vs its synchronous, points",
                               "vs original (same condition, guided rtc), points", "seam / within"], rows))
