@@ -12,7 +12,7 @@ set -euo pipefail
 OUT=${OUT:-runs/prefix_pilot}
 CELLS=${CELLS:-prior40}
 SEEDS=${SEEDS:-0}
-DELAYS=${DELAYS:-1 2 4 8}
+DELAYS=${DELAYS-1 2 4 8}  # DELAYS="" evaluates synchronously only
 PREFIX=${PREFIX:-8}
 STEPS=${STEPS:-500}
 SOURCE=${SOURCE:-runs/video_prior}
