@@ -5,7 +5,8 @@
 #      peak lr 1e-4: a fifth of the training peak, as for a fine-tune);
 #   2. evaluate the tuned model synchronously and asynchronously with rtc at each delay (its policy picks prefix
 #      conditioning: no guidance), with the same MT10 layouts as the real-time study.
-# The original models' guided-rtc numbers at the same delays come from runs/realtime. Every stage is skipped when its
+# The original models' guided-rtc numbers at the same delays come from runs/realtime; PREFIX=0 is the control (the
+# same fine-tune without the prefix objective; its rtc is guidance). python scripts/prefix_pilot_table.py tabulates. Every stage is skipped when its
 # output exists, so re-running the script resumes it. Usage:
 #   [OUT=runs/prefix_pilot] [CELLS="prior40 scratch40"] [SEEDS="0 1 2"] [DELAYS="1 2 4 8"] bash scripts/prefix_pilot.sh
 set -euo pipefail
