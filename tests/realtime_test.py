@@ -250,3 +250,25 @@ def test_bench_realtime_reports_delays_stalls_and_the_loops_timing(checkpoint, c
         assert sum(r["delay_counts"].values()) <= r["requests"] - 1  # the episode's first chunk is no measurement
         assert r["act_ms"]["p50"] <= r["act_ms"]["max"] and r["inference_ms"]["p50"] > 0
         assert 0 <= r["planned_delay_at_end"] <= 4 and r["missed_deadlines"] >= 0
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+def test_bench_realtime_drives_a_served_policy_over_the_wire(policy, capsys):
+    """`--server`: the runner's policy is a websocket client, as on a robot; the step count is the server's."""
+    from fastwam.bench import realtime as bench_realtime
+    from fastwam.serving.server import PolicyServer
+
+    with PolicyServer(policy, "127.0.0.1", 0) as server:
+        assert bench_realtime.cli(["--server", f"127.0.0.1:{server.port}", "--hz", "500", "--ticks", "16",
+                                   "--replan", "4", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["policy_at"] == f"127.0.0.1:{server.port}" and report["machine"]["device"] == "server"
+        (n, r), = report["step_counts"].items()
+        assert int(n) == policy.steps and r["ticks"] == 16 and r["requests"] >= 16 // 4
+        assert r["inference_ms"]["p50"] > 0
+        with pytest.raises(SystemExit, match="its own"):
+            bench_realtime.cli(["--server", f"127.0.0.1:{server.port}", "--step-counts", "1,2"])
+    with pytest.raises(SystemExit, match="exactly one"):
+        bench_realtime.cli(["--hz", "10"])
+    with pytest.raises(SystemExit, match="host:port"):
+        bench_realtime.cli(["--server", "nowhere"])

@@ -14,6 +14,9 @@ period; the policy is the checkpoint's, in this process, on the runner's backgro
 - `inference_ms`: the policy calls themselves (p50 / p90), measured on the background thread.
 
 Two threads share the CPU's cores with the policy here; on a robot the loop runs on its own core or machine.
+
+With `--server URI` the policy is a `fastwam serve` instead (a `WebsocketClient`, as on a robot): the delays then
+include the wire and the server's batching, `inference_ms` is the round trip, and the step count is the server's.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ __all__ = ["BenchRealtimeArgs", "cli", "run"]
 class BenchRealtimeArgs:
     """A robot loop at --hz driven by AsyncChunkRunner with a checkpoint's policy in this process."""
 
-    checkpoint: str
-    """run or checkpoint directory"""
+    checkpoint: str = ""
+    """run or checkpoint directory (the policy runs in this process)"""
+    server: str = ""
+    """or: a running `fastwam serve`, host:port or ws://host:port (the policy runs there; the round trip is timed)"""
     hz: float = 20.0
     """control rate of the simulated robot (ticks per second)"""
     ticks: int = 200
@@ -100,31 +105,62 @@ def robot_loop(runner: AsyncChunkRunner, observation: dict, hz: float, ticks: in
     return {"act_ms": _stats_ms(act_s), "missed_deadlines": missed}
 
 
+def _connect(server: str):
+    from fastwam.serving.client import WebsocketClient
+
+    if server.startswith(("ws://", "wss://")):
+        return WebsocketClient(server)
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--server must be host:port or ws://host:port (got {server!r})")
+    return WebsocketClient(host, int(port))
+
+
 def run(args: BenchRealtimeArgs, policy=None) -> dict:
-    """`policy`: an already-loaded policy (tests); default: the checkpoint's, from disk."""
+    """`policy`: an already-loaded policy (tests); default: the checkpoint's, from disk, or the --server's client."""
     if args.hz <= 0 or args.ticks < 1:
         raise SystemExit(f"--hz must be positive and --ticks >= 1 (got {args.hz}, {args.ticks})")
+    if policy is None and bool(args.checkpoint) == bool(args.server):
+        raise SystemExit("give exactly one of --checkpoint (the policy in this process) and --server (a fastwam serve)")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    client = None
+    if policy is None and args.server:
+        policy = client = _connect(args.server)
+    elif policy is None:
+        from fastwam.policy import FastWAMPolicy
+
+        policy = FastWAMPolicy.from_pretrained(args.checkpoint)
+    try:
+        return _run(args, policy, remote=client is not None)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(args: BenchRealtimeArgs, policy, remote: bool) -> dict:
     import torch
 
     from fastwam.serving.protocol import example_observation
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if policy is None:
-        from fastwam.policy import FastWAMPolicy
-
-        policy = FastWAMPolicy.from_pretrained(args.checkpoint)
-    horizon = policy.cfg.model.action_horizon
+    metadata = policy.metadata
+    horizon, own_steps = int(metadata["action_shape"][0]), int(metadata["inference_steps"])
     replan = args.replan or max(1, horizon // 2)
-    observation = example_observation(policy.metadata, seed=0)
-    counts = [int(x) for x in args.step_counts.split(",") if x.strip()] or [policy.steps]
+    observation = example_observation(metadata, seed=0)
+    counts = [int(x) for x in args.step_counts.split(",") if x.strip()] or [own_steps]
+    if remote and counts != [own_steps]:
+        raise SystemExit(f"--step-counts with --server: the server samples with its own {own_steps} step(s); "
+                         f"start it with `fastwam serve --steps N` to time another count")
     results = {}
     for n in counts:
         timed = _TimedPolicy(policy)
-        timed.infer(observation, steps=n)  # warm-up (allocation), untimed
+        infer_kwargs = {} if remote else {"steps": n}
+        timed.infer(observation, **infer_kwargs)  # warm-up (allocation, the connection), untimed
         timed.seconds.clear()
         delay = None if args.inference_delay < 0 else args.inference_delay
-        with AsyncChunkRunner(timed, replan, args.chunking, delay, infer_kwargs={"steps": n}) as runner:
+        with AsyncChunkRunner(timed, replan, args.chunking, delay, infer_kwargs=infer_kwargs) as runner:
             loop = robot_loop(runner, observation, args.hz, args.ticks)
             runner.reset(reset_policy=False)
         stats = runner.stats.as_dict()
@@ -132,7 +168,8 @@ def run(args: BenchRealtimeArgs, policy=None) -> dict:
                            "planned_delay_at_end": runner.planned_delay}
     return {
         "benchmark": "realtime",
-        "checkpoint": policy.checkpoint,
+        "checkpoint": metadata.get("checkpoint"),
+        "policy_at": args.server if remote else "this process",
         "hz": args.hz,
         "ticks": args.ticks,
         "replan": replan,
@@ -141,7 +178,7 @@ def run(args: BenchRealtimeArgs, policy=None) -> dict:
         "inference_delay": "learnt" if args.inference_delay < 0 else args.inference_delay,
         "threads": torch.get_num_threads(),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "device": str(policy.device)},
+                    "device": "server" if remote else str(policy.device)},
         "step_counts": results,
     }
 
