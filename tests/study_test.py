@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -494,7 +495,8 @@ def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, 
     assert ablate.cli(common + ["--out", str(source)]) == 0
     out = tmp_path / "realtime"
     realtime = common + ["--out", str(out), "--models-from", str(source), "--axes", "steps=1;async=rtc1,naive1",
-                         "--axis-variants", "fast", "--distill-steps", "1", "--distill-train-steps", "2"]
+                         "--axis-variants", "fast", "--distill-steps", "1", "--distill-train-steps", "2",
+                         "--prefix-tune", "2", "--prefix-train-steps", "2"]
     capsys.readouterr()
     assert ablate.cli(realtime) == 0
     log = capsys.readouterr().out
@@ -505,6 +507,13 @@ def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, 
     res = json.loads((out / "eval" / "A" / "fast_d1_s0" / "async_rtc1" / "results.json").read_text())
     assert res["config"]["chunking"] == "rtc" and res["config"]["inference_steps"] == 1
     assert not (out / "eval" / "A" / "fast_d1_s0" / "steps1").exists()  # a distilled sampler's steps are fixed
+    # The prefix fine-tune: the other study's model and data, the prefix objective, evaluated sync and with rtc only.
+    tuned = json.loads((out / "runs" / "A" / "fast_p2_s0" / "config.json").read_text())
+    assert tuned["train"]["action_prefix_max"] == 2 and tuned["train"]["lr"] == 1e-4
+    assert Path(tuned["data"]["dataset"]).resolve() == (source / "data").resolve()
+    res = json.loads((out / "eval" / "A" / "fast_p2_s0" / "async_rtc1" / "results.json").read_text())
+    assert res["config"]["chunking"] == "rtc" and res["config"]["rtc_method"] == "prefix"
+    assert {p.name for p in (out / "eval" / "A" / "fast_p2_s0").iterdir() if p.is_dir()} == {"async_rtc1"}
     latency = json.loads((out / "latency_A.json").read_text())
     assert set(latency["step_counts"]) == {"1", "10"} and "fast_rtc" in latency["step_counts"]["1"]
     report = (out / "report.md").read_text()
@@ -516,6 +525,9 @@ def test_real_time_study_evaluates_and_distills_another_studys_models(tmp_path, 
     assert (out / "realtime_async.png").is_file()
     assert "![success and seam smoothness against the inference delay](realtime_async.png)" in report
     assert "## Against the targets" in report and "- A, plain, 10 steps, delay 1: rtc " in report
+    assert "## Real-time chunking: training-time conditioning vs guidance" in report
+    assert "| A | N = 2 | async rtc, delay 1 |" in report and "| A | N = 2 | synchronous |" in report
+    assert "2 per prefix fine-tune (peak lr 0.0001)" in report
     # A second training seed the other study does not have: one line, the rest still runs.
     with pytest.raises(RuntimeError, match="train_A_fast_s1"):
         ablate.cli(realtime + ["--seeds", "0,1"])
@@ -538,6 +550,18 @@ def test_models_from_needs_no_pretraining_data_and_plans_no_training(tmp_path):
     train = {j.name: j for j in jobs}["train_P_fast_s0"]
     assert train.done.is_relative_to(source) and "is not there yet" in train.cmd[-1]
     assert runs["P/fast_d1_s0"]["variant"] == "fast_d1" and "async_rtc2" in runs["P/fast_d1_s0"]["evals"]
+    jobs, runs = study_plan.plan(parse_with_preset(argv + ["--prefix-tune", "3"], study_plan.AblateArgs, "test"))
+    tune = {j.name: j for j in jobs}["prefix_P_fast_p3_s0"]
+    assert tune.after == ("train_P_fast_s0",) and tune.done.is_relative_to(tmp_path / "rt")
+    cmd = " ".join(tune.cmd)
+    assert f"--init-from {source / 'runs' / 'P' / 'fast_s0'} --init-action copy" in cmd
+    assert "--config.train.action-prefix-max 3" in cmd and f"--dataset {source / 'data'}" in cmd
+    assert "--video-dataset" not in cmd  # the tune is on the model's action data only
+    assert set(runs["P/fast_p3_s0"]["evals"]) == {"base", "async_rtc2"}
+    for bad, message in ((["--prefix-tune", "-1"], "prefix-tune"), (["--prefix-tune", "99"], "shorter than the chunk"),
+                         (["--prefix-tune", "2", "--prefix-train-steps", "0"], "prefix-train-steps")):
+        with pytest.raises(ValueError, match=message):
+            study_plan.plan(parse_with_preset(argv + bad, study_plan.AblateArgs, "test"))
 
 
 def test_realtime_report_known_answer(tmp_path):
@@ -557,10 +581,11 @@ def test_realtime_report_known_answer(tmp_path):
 
     design = {("fast", "base"): (0.5, 0.3, 0.1), ("fast", "steps1"): (0.5, 0.3, 0.1),
               ("fast", "async_rtc4"): (0.5, 0.12, 0.1), ("fast", "async_naive4"): (0.2, 0.4, 0.1),
-              ("fast_d1", "base"): (0.5, 0.3, 0.1), ("fast_d1", "async_rtc4"): (0.5, 0.12, 0.1)}
+              ("fast_d1", "base"): (0.5, 0.3, 0.1), ("fast_d1", "async_rtc4"): (0.5, 0.12, 0.1),
+              ("fast_p4", "base"): (0.4, 0.3, 0.1), ("fast_p4", "async_rtc4"): (0.6, 0.11, 0.1)}
     runs = {}
     for seed in (0, 1, 2):
-        for model in ("fast", "fast_d1"):
+        for model in ("fast", "fast_d1", "fast_p4"):
             name = f"A/{model}_s{seed}"
             evals = {}
             for (m, cond), values in design.items():
@@ -589,3 +614,9 @@ def test_realtime_report_known_answer(tmp_path):
             "naive -30.0 [-39.0, -21.0] (below rtc: yes); seam / within-chunk jump 1.20 vs naive's 4.00 (closer to 1: "
             "yes).") in targets
     assert "- A, distilled, 1 step, delay 4: rtc +0.0" in targets
+    # The prefix-tuned model: against the original in the same condition, not in the few-step table.
+    tuned = report.split("## Real-time chunking: training-time conditioning vs guidance")[1].split("##")[0]
+    assert "| A | N = 4 | async rtc, delay 4 | 50.0 [40.0, 60.0] | 60.0 [51.0, 70.0] | 60 / 60 / 60 | +10.0 [+5.0, " \
+        "+16.0] | 8.3 | better | 1.20 | 1.10 |" in tuned
+    assert "| A | N = 4 | synchronous | 50.0 [40.0, 60.0] | 40.0 [30.0, 50.0] | 40 / 40 / 40 | -10.0 " in tuned
+    assert "prefix-tuned" not in report.split("## Few-step sampling")[1].split("##")[0]

@@ -254,8 +254,8 @@ def evaluate(
             results["config"].update(shift=shift, obs_delay=obs_delay, compile=compile)
             if chunking is not None:
                 results["config"].update(chunking=chunking, inference_delay=inference_delay)
-            if rtc_method is not None:
-                results["config"].update(rtc_method=rtc_method)
+            if rtc_method is not None or chunking == "rtc":  # what the policy did, "auto" resolved
+                results["config"].update(rtc_method=rtc_method or adapter.realtime_method)
             if out is not None:  # results.json last: its presence means the evaluation ran (ablate's done marker)
                 outcome, timing = split_timing(results)
                 write_text_atomic(out / "summary.md", summary_markdown(results))

@@ -38,6 +38,7 @@ class _Adapter:
     frame_stride: int = 1  # env steps between imagined frames
     info: dict = {}
     realtime_chunking: bool = False  # takes the previous chunk and the inference delay (real-time chunking)
+    realtime_method: str | None = None  # how it does: guidance, or prefix (trained with train.action_prefix_max)
 
     def act(self, obs: list[dict], specs: list[EpisodeSpec], mode: str, want_video: list[bool],
             realtime: list | None = None) -> list[dict]:
@@ -119,6 +120,7 @@ class _InProcess(_Adapter):
         self.demo_seeds = _demo_env_seeds(cfg)
         self.info["demo_seed_check"] = "no overlap" if self.demo_seeds is not None else "not checked (no dataset)"
         self.realtime_chunking = bool(meta.get("realtime_chunking"))
+        self.realtime_method = meta.get("realtime_method", "guidance" if self.realtime_chunking else None)
 
     def act(self, obs, specs, mode, want_video, realtime=None):
         pobs = [_policy_obs(o, self.cameras) for o in obs]
@@ -170,6 +172,7 @@ class _Server(_Adapter):
         self.frame_stride = int(meta.get("frame_stride", 1))
         self.info = {"server": self.url, "server_checkpoint": meta.get("checkpoint", "")}
         self.realtime_chunking = bool(meta.get("realtime_chunking"))
+        self.realtime_method = meta.get("realtime_method", "guidance" if self.realtime_chunking else None)
         self.demo_seeds = None
         self.pool = ThreadPoolExecutor(max_workers=max(1, num_slots))
         self.server_infer_ms: list[float] = []

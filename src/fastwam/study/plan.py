@@ -62,6 +62,13 @@ class AblateArgs(PresetArgs):
     # "fast_dN" (runs/CELL/fast_dN_sSEED); --distill-train-steps optimisation steps each.
     distill_steps: str = ""
     distill_train_steps: int = 500
+    # Training-time action conditioning (the real-time study): every fast model of --axis-cells is also fine-tuned
+    # with `train.action_prefix_max` = N (its whole model copied, `--init-action copy`; --prefix-train-steps steps at
+    # peak lr --prefix-lr on its own data), evaluated synchronously and along the async rtc axes as the model "fast_pN"
+    # (runs/CELL/fast_pN_sSEED): its rtc conditions on the committed prefix instead of guidance. 0 = none.
+    prefix_tune: int = 0
+    prefix_train_steps: int = 500
+    prefix_lr: float = 1e-4
     # Evaluate (and distill) the trained models of another study instead of training them: its OUT. Its cells, variants
     # and --train-steps must be the ones given here; a model it has not trained yet is reported missing, one line.
     models_from: str = ""
@@ -319,6 +326,12 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     distill = _int_list(args.distill_steps)
     if any(n < 1 for n in distill):
         raise ValueError(f"--distill-steps must be positive step counts, got {args.distill_steps!r}")
+    if args.prefix_tune < 0 or (args.prefix_tune and args.prefix_train_steps < 1):
+        raise ValueError(f"--prefix-tune must be >= 0 with --prefix-train-steps >= 1, got {args.prefix_tune} and "
+                         f"{args.prefix_train_steps}")
+    if args.prefix_tune and args.prefix_tune >= cfg.model.action_horizon:
+        raise ValueError(f"--prefix-tune {args.prefix_tune}: the committed prefix must be shorter than the chunk "
+                         f"({cfg.model.action_horizon} actions)")
     if source is not None:
         _check_source(source, cells)
     # Longest trainings first within a seed (IDM runs two video copies; no_cotrain none), seeds in order: an
@@ -414,6 +427,27 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                         gpus=args.job_gpus))
                     evaluate(d_name, d_tag, d_dir, "fast", f"fast_d{n}", f"distill_{d_tag}",
                              {c: o for c, o in conds.items() if not c.startswith("steps")})
+                if args.prefix_tune:  # the same model fine-tuned to continue a committed prefix (no guidance)
+                    n = args.prefix_tune
+                    p_name = f"{cell}/fast_p{n}_s{seed}" if cell else f"fast_p{n}_s{seed}"
+                    p_tag, p_dir = p_name.replace("/", "_"), out / "runs" / p_name
+                    p_final = p_dir / "checkpoints" / f"step_{args.prefix_train_steps:07d}" / "model.safetensors"
+                    # The model's own demonstrations: another study's (--models-from) where it was trained there.
+                    p_data, p_after = cell_data, (f"train_{tag}", *after)
+                    if source is not None:
+                        p_data = cell_data if args.dataset else source / cell_data.relative_to(out)
+                        p_after = (f"train_{tag}",)
+                    train_jobs.append(Job(f"prefix_{p_tag}", _py() + ["train"] + _config_overrides(cfg) + model_flags
+                                          + ["--dataset", str(p_data), "--out", str(p_dir), "--variant", "fast",
+                                             "--init-from", str(run_dir), "--init-action", "copy",
+                                             "--config.train.action-prefix-max", str(n), "--config.train.lr",
+                                             str(args.prefix_lr), "--steps", str(args.prefix_train_steps),
+                                             "--config.train.seed", str(seed), "--config.train.threads", "1",
+                                             "--auto-resume", "--no-progress"],
+                                          p_final, after=p_after, priority=1,
+                                          resumes_from=p_dir / "checkpoints", gpus=args.job_gpus))
+                    evaluate(p_name, p_tag, p_dir, "fast", f"fast_p{n}", f"prefix_{p_tag}",
+                             {c: o for c, o in conds.items() if c == BASE or c.startswith("async_rtc")})
     jobs += train_jobs + eval_jobs
     # Batch-1 latency of each inference mode for each cell's architecture, overrides included (random weights:
     # latency does not depend on them). The config comes from ablation.json, which `cli` writes before any job runs.

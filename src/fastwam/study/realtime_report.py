@@ -41,23 +41,32 @@ def is_realtime_study(args: Any) -> bool:
     from fastwam.study.plan import parse_axes
 
     axes = parse_axes(getattr(args, "axes", "") or "")
-    return bool(getattr(args, "distill_steps", "")) or any(n in ("steps", "async") for n, _ in axes)
+    return (bool(getattr(args, "distill_steps", "")) or bool(getattr(args, "prefix_tune", 0))
+            or any(n in ("steps", "async") for n, _ in axes))
 
 
 def _models(runs: dict, cell: str) -> list[str]:
-    """The cell's fast models: the trained one, then its distilled samplers by step count."""
+    """The cell's fast models: the trained one, its distilled samplers by step count, then its prefix-tuned one."""
     found = {i["variant"] for i in runs.values() if i.get("cell") == cell and str(i["variant"]).startswith("fast")}
-    return sorted(found, key=lambda v: (v != "fast", int(v[6:]) if v.startswith("fast_d") else 0))
+    return sorted(found, key=lambda v: (v != "fast", v.startswith("fast_p"), int(v[6:]) if v != "fast" else 0))
+
+
+def _is_prefix(model: str) -> bool:
+    return model.startswith("fast_p")
 
 
 def _model_label(model: str, steps: int | None = None) -> str:
     if model == "fast":
         n = steps if steps is not None else 10
         return f"plain, {n} step{'s' if n != 1 else ''}"
+    if _is_prefix(model):
+        return f"prefix-tuned (N = {model[6:]}), 10 steps"
     return f"distilled, {model[6:]} step{'s' if model[6:] != '1' else ''}"
 
 
 def _steps_of(model: str, cond: str) -> int:
+    if _is_prefix(model):
+        return 10
     if model.startswith("fast_d"):
         return int(model[6:])
     return int(cond[5:]) if cond.startswith("steps") else 10
@@ -94,7 +103,7 @@ def steps_section(out: Path, runs: dict, table: dict, cells: list[str], conds: l
         lat = (_cell_params(out, cell) if cell else _json(out / "latency.json")).get("step_counts", {})
         ref = _arm(table, cell, "fast", BASE)
         ref_ms = lat.get("10", {}).get("fast", {}).get("p50_ms")
-        for model in _models(runs, cell):
+        for model in [m for m in _models(runs, cell) if not _is_prefix(m)]:  # those in their own section
             for cond in [BASE] + [c for c in conds if c.startswith("steps")]:
                 if model != "fast" and cond != BASE:
                     continue
@@ -159,6 +168,36 @@ def async_section(runs: dict, table: dict, cells: list[str], conds: list[str], f
             "join as smoothly as they run.", "",
             markdown_table(["cell", "sampler", "condition", "success", "per seed", "vs synchronous, points", "MDE",
                             "verdict", "seam jump", "within-chunk jump", "seam / within"], rows), ""]
+
+
+def prefix_section(runs: dict, table: dict, cells: list[str], conds: list[str]) -> list[str]:
+    """Training-time action conditioning against RTC's guidance: the prefix-tuned model and the model it was tuned
+    from, in the same conditions on the same layouts (the difference is paired)."""
+    rows = []
+    for cell in cells:
+        for model in [m for m in _models(runs, cell) if _is_prefix(m)]:
+            for cond in [c for c in conds if c.startswith("async_rtc")] + [BASE]:
+                tuned, guided = _arm(table, cell, model, cond), _arm(table, cell, "fast", cond)
+                if not tuned or not guided:
+                    continue
+                diff = _compare(tuned, guided)
+                jumps = [_smoothness(table, cell, m, cond) for m in ("fast", model)]
+                ratios = [f"{seam / within:.2f}" if seam is not None and within else "-" for seam, within in jumps]
+                rows.append([cell, f"N = {model[6:]}", "synchronous" if cond == BASE else _label(cond),
+                             _ci(_compare(guided), signed=False), _ci(_compare(tuned), signed=False), _seeds(diff),
+                             _ci(diff), f"{100 * diff['mde80']:.1f}" if diff else "-", _verdict(diff), *ratios])
+    if not rows:
+        return []
+    return ["## Real-time chunking: training-time conditioning vs guidance", "",
+            "The same trained fast models, and each fine-tuned to continue a committed action prefix "
+            "(`train.action_prefix_max` = N: a random prefix of at most N actions is given clean at timestep 0 and "
+            "left out of the loss; Black, Ren, Equi and Levine 2025). With asynchronous rtc the original model is "
+            "guided towards the previous chunk (a vector-Jacobian product per step); the tuned one is handed the "
+            "prefix and sampled plainly. Synchronous: no prefix to continue, which the tuned model rarely saw in "
+            "training. Differences: tuned - original, paired on the same layouts.", "",
+            markdown_table(["cell", "prefix", "condition", "original", "prefix-tuned", "per seed, tuned",
+                            "tuned - original, points", "MDE", "verdict", "seam / within, original",
+                            "seam / within, tuned"], rows), ""]
 
 
 def targets_section(table: dict, points: list, facts: list) -> list[str]:
@@ -305,11 +344,13 @@ def write_realtime_report(out: Path, runs: dict, args: Any, conds: list[str]) ->
                   "retrained).", ""]
     lines += command_and_budget(out, {c: cell_specs.get(c, {}) for c in cells},
                                 lambda a: f"{a['train_steps']} training steps per model, "
-                                          f"{a.get('distill_train_steps', 500)} per distillation")
+                                          f"{a.get('distill_train_steps', 500)} per distillation"
+                                          + (f", {a['prefix_train_steps']} per prefix fine-tune (peak lr "
+                                             f"{a['prefix_lr']:g})" if a.get("prefix_tune") else ""))
     lines += status_section(table, runs) + conditions_section(conds)
     step_lines, points = steps_section(out, runs, table, cells, conds)
     facts: list = []
-    lines += step_lines + async_section(runs, table, cells, conds, facts)
+    lines += step_lines + async_section(runs, table, cells, conds, facts) + prefix_section(runs, table, cells, conds)
     lines += targets_section(table, points, facts)
     path = _plot(out, points)
     if path is not None:
