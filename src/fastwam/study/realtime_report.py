@@ -323,7 +323,7 @@ def _plot_async(out: Path, table: dict, facts: list) -> Path | None:
         bottom.set_xlabel("inference delay, control steps")
     axes[0][0].set_ylabel("success vs synchronous, points")
     axes[1][0].set_ylabel("seam / within-chunk jump\n(grey: synchronous)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)  # the first column has every line (later ones may lack naive)
     fig.suptitle("Asynchronous execution: naive switching vs real-time chunking")
     fig.tight_layout()
     path = out / "realtime_async.png"
