@@ -558,7 +558,11 @@ def test_models_from_needs_no_pretraining_data_and_plans_no_training(tmp_path):
     assert "--config.train.action-prefix-max 3" in cmd and f"--dataset {source / 'data'}" in cmd
     assert "--video-dataset" not in cmd  # the tune is on the model's action data only
     assert set(runs["P/fast_p3_s0"]["evals"]) == {"base", "async_rtc2"}
+    jobs, runs = study_plan.plan(parse_with_preset(argv + ["--prefix-tune", "2,3"], study_plan.AblateArgs, "test"))
+    assert {"prefix_P_fast_p2_s0", "prefix_P_fast_p3_s0"} <= {j.name for j in jobs}
+    assert runs["P/fast_p2_s0"]["variant"] == "fast_p2"
     for bad, message in ((["--prefix-tune", "-1"], "prefix-tune"), (["--prefix-tune", "99"], "shorter than the chunk"),
+                         (["--prefix-tune", "two"], "prefix lengths such as"),
                          (["--prefix-tune", "2", "--prefix-train-steps", "0"], "prefix-train-steps")):
         with pytest.raises(ValueError, match=message):
             study_plan.plan(parse_with_preset(argv + bad, study_plan.AblateArgs, "test"))

@@ -62,11 +62,12 @@ class AblateArgs(PresetArgs):
     # "fast_dN" (runs/CELL/fast_dN_sSEED); --distill-train-steps optimisation steps each.
     distill_steps: str = ""
     distill_train_steps: int = 500
-    # Training-time action conditioning (the real-time study): every fast model of --axis-cells is also fine-tuned
-    # with `train.action_prefix_max` = N (its whole model copied, `--init-action copy`; --prefix-train-steps steps at
-    # peak lr --prefix-lr on its own data), evaluated synchronously and along the async rtc axes as the model "fast_pN"
-    # (runs/CELL/fast_pN_sSEED): its rtc conditions on the committed prefix instead of guidance. 0 = none.
-    prefix_tune: int = 0
+    # Training-time action conditioning (the real-time study): every fast model of --axis-cells is also fine-tuned,
+    # for each N here ("8,12"), with `train.action_prefix_max` = N (its whole model copied, `--init-action copy`;
+    # --prefix-train-steps steps at peak lr --prefix-lr on its own data), evaluated synchronously and along the async
+    # rtc axes as the model "fast_pN" (runs/CELL/fast_pN_sSEED): its rtc conditions on the committed prefix instead of
+    # guidance. Empty = none.
+    prefix_tune: str = ""
     prefix_train_steps: int = 500
     prefix_lr: float = 1e-4
     # Evaluate (and distill) the trained models of another study instead of training them: its OUT. Its cells, variants
@@ -326,10 +327,14 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
     distill = _int_list(args.distill_steps)
     if any(n < 1 for n in distill):
         raise ValueError(f"--distill-steps must be positive step counts, got {args.distill_steps!r}")
-    if args.prefix_tune < 0 or (args.prefix_tune and args.prefix_train_steps < 1):
-        raise ValueError(f"--prefix-tune must be >= 0 with --prefix-train-steps >= 1, got {args.prefix_tune} and "
-                         f"{args.prefix_train_steps}")
-    if args.prefix_tune and args.prefix_tune >= cfg.model.action_horizon:
+    try:
+        tunes = _int_list(str(args.prefix_tune))
+    except ValueError:
+        raise ValueError(f"--prefix-tune takes prefix lengths such as 8 or 8,12, got {args.prefix_tune!r}") from None
+    if any(n < 1 for n in tunes) or (tunes and args.prefix_train_steps < 1):
+        raise ValueError(f"--prefix-tune must be positive prefix lengths with --prefix-train-steps >= 1, got "
+                         f"{args.prefix_tune!r} and {args.prefix_train_steps}")
+    if any(n >= cfg.model.action_horizon for n in tunes):
         raise ValueError(f"--prefix-tune {args.prefix_tune}: the committed prefix must be shorter than the chunk "
                          f"({cfg.model.action_horizon} actions)")
     if source is not None:
@@ -427,8 +432,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                         gpus=args.job_gpus))
                     evaluate(d_name, d_tag, d_dir, "fast", f"fast_d{n}", f"distill_{d_tag}",
                              {c: o for c, o in conds.items() if not c.startswith("steps")})
-                if args.prefix_tune:  # the same model fine-tuned to continue a committed prefix (no guidance)
-                    n = args.prefix_tune
+                for n in tunes:  # the same model fine-tuned to continue a committed prefix (no guidance)
                     p_name = f"{cell}/fast_p{n}_s{seed}" if cell else f"fast_p{n}_s{seed}"
                     p_tag, p_dir = p_name.replace("/", "_"), out / "runs" / p_name
                     p_final = p_dir / "checkpoints" / f"step_{args.prefix_train_steps:07d}" / "model.safetensors"
