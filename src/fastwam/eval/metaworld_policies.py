@@ -40,6 +40,11 @@ class _Adapter:
     realtime_chunking: bool = False  # takes the previous chunk and the inference delay (real-time chunking)
     realtime_method: str | None = None  # how it does: guidance, or prefix (trained with train.action_prefix_max)
 
+    def _read_realtime(self, meta: dict) -> None:
+        """Whether and how the policy does real-time chunking, from its metadata (guidance unless it says)."""
+        self.realtime_chunking = bool(meta.get("realtime_chunking"))
+        self.realtime_method = meta.get("realtime_method", "guidance" if self.realtime_chunking else None)
+
     def act(self, obs: list[dict], specs: list[EpisodeSpec], mode: str, want_video: list[bool],
             realtime: list | None = None) -> list[dict]:
         """`realtime`: per observation, None or (previous chunk from the observation's time on, inference delay)."""
@@ -119,8 +124,7 @@ class _InProcess(_Adapter):
                      "image_size_source": "dataset" if recorded else "model (dataset not found)"}
         self.demo_seeds = _demo_env_seeds(cfg)
         self.info["demo_seed_check"] = "no overlap" if self.demo_seeds is not None else "not checked (no dataset)"
-        self.realtime_chunking = bool(meta.get("realtime_chunking"))
-        self.realtime_method = meta.get("realtime_method", "guidance" if self.realtime_chunking else None)
+        self._read_realtime(meta)
 
     def act(self, obs, specs, mode, want_video, realtime=None):
         pobs = [_policy_obs(o, self.cameras) for o in obs]
@@ -171,8 +175,7 @@ class _Server(_Adapter):
         # only misaligns the video's "really happened" row, never the results).
         self.frame_stride = int(meta.get("frame_stride", 1))
         self.info = {"server": self.url, "server_checkpoint": meta.get("checkpoint", "")}
-        self.realtime_chunking = bool(meta.get("realtime_chunking"))
-        self.realtime_method = meta.get("realtime_method", "guidance" if self.realtime_chunking else None)
+        self._read_realtime(meta)
         self.demo_seeds = None
         self.pool = ThreadPoolExecutor(max_workers=max(1, num_slots))
         self.server_infer_ms: list[float] = []

@@ -360,7 +360,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                     "--dataset", args.pretrain_dataset, "--out", str(prior_dir), "--steps", str(pretrain_steps),
                     "--config.train.seed", str(seed), "--config.train.threads", "1", "--auto-resume",
                     "--no-progress"],
-                prior_dir / "checkpoints" / f"step_{pretrain_steps:07d}" / "model.safetensors", after=corpus_job,
+                _final_weights(prior_dir, pretrain_steps), after=corpus_job,
                 priority=1, resumes_from=prior_dir / "checkpoints", gpus=args.job_gpus))
         order = sorted(((c, v) for c in cells for v in per_cell.get(c, _variants(args.variants))),
                        key=lambda cv: (cost.get(cv[1], 9), list(cells).index(cv[0])))
@@ -384,18 +384,15 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 study_flags += ["--video-dataset", args.video_dataset, "--video-ratio", spec["video_ratio"]]
                 if corpus_job and Path(args.video_dataset) == Path(args.pretrain_dataset):
                     after.append("corpus")
-            overrides = _config_overrides(cfg) + model_flags + study_flags + [
-                "--dataset", str(cell_data), "--out", str(run_dir), "--variant", variant, "--steps",
-                str(args.train_steps), "--config.train.seed", str(seed), "--config.train.threads", "1",
-                "--auto-resume", "--no-progress",
-            ]
             if source is not None:  # another study's model: nothing to train here, only to wait for
                 run_dir = source / "runs" / name
-                final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
+                final = _final_weights(run_dir, args.train_steps)
                 train_jobs.append(Job(f"train_{tag}", _missing_model(final, source), final))
             else:
-                final = run_dir / "checkpoints" / f"step_{args.train_steps:07d}" / "model.safetensors"
-                train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + overrides, final, after=tuple(after),
+                final = _final_weights(run_dir, args.train_steps)
+                train_argv = _train_argv(cfg, model_flags + study_flags, cell_data, run_dir, variant,
+                                         args.train_steps, seed)
+                train_jobs.append(Job(f"train_{tag}", _py() + ["train"] + train_argv, final, after=tuple(after),
                                       priority=1, resumes_from=run_dir / "checkpoints", gpus=args.job_gpus))
             along_axes = cell in axis_cells and (not axis_variants or variant in axis_variants)
 
@@ -424,7 +421,7 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 for n in distill:  # a few-step sampler of this model: its step count is fixed, no `steps` axis
                     d_name = f"{cell}/fast_d{n}_s{seed}" if cell else f"fast_d{n}_s{seed}"
                     d_tag, d_dir = d_name.replace("/", "_"), out / "runs" / d_name
-                    d_final = d_dir / "checkpoints" / f"step_{args.distill_train_steps:07d}" / "model.safetensors"
+                    d_final = _final_weights(d_dir, args.distill_train_steps)
                     train_jobs.append(Job(f"distill_{d_tag}", _py() + [
                         "distill", "--checkpoint", str(run_dir), "--out", str(d_dir), "--steps", str(n),
                         "--train-steps", str(args.distill_train_steps), "--auto-resume", "--no-progress"],
@@ -435,19 +432,17 @@ def plan(args: AblateArgs) -> tuple[list[Job], dict]:
                 for n in tunes:  # the same model fine-tuned to continue a committed prefix (no guidance)
                     p_name = f"{cell}/fast_p{n}_s{seed}" if cell else f"fast_p{n}_s{seed}"
                     p_tag, p_dir = p_name.replace("/", "_"), out / "runs" / p_name
-                    p_final = p_dir / "checkpoints" / f"step_{args.prefix_train_steps:07d}" / "model.safetensors"
+                    p_final = _final_weights(p_dir, args.prefix_train_steps)
                     # The model's own demonstrations: another study's (--models-from) where it was trained there.
                     p_data, p_after = cell_data, (f"train_{tag}", *after)
                     if source is not None:
                         p_data = cell_data if args.dataset else source / cell_data.relative_to(out)
                         p_after = (f"train_{tag}",)
-                    train_jobs.append(Job(f"prefix_{p_tag}", _py() + ["train"] + _config_overrides(cfg) + model_flags
-                                          + ["--dataset", str(p_data), "--out", str(p_dir), "--variant", "fast",
-                                             "--init-from", str(run_dir), "--init-action", "copy",
-                                             "--config.train.action-prefix-max", str(n), "--config.train.lr",
-                                             str(args.prefix_lr), "--steps", str(args.prefix_train_steps),
-                                             "--config.train.seed", str(seed), "--config.train.threads", "1",
-                                             "--auto-resume", "--no-progress"],
+                    tune_flags = ["--init-from", str(run_dir), "--init-action", "copy",
+                                  "--config.train.action-prefix-max", str(n), "--config.train.lr", str(args.prefix_lr)]
+                    train_jobs.append(Job(f"prefix_{p_tag}", _py() + ["train"] + _train_argv(
+                                          cfg, model_flags + tune_flags, p_data, p_dir, "fast",
+                                          args.prefix_train_steps, seed),
                                           p_final, after=p_after, priority=1,
                                           resumes_from=p_dir / "checkpoints", gpus=args.job_gpus))
                     evaluate(p_name, p_tag, p_dir, "fast", f"fast_p{n}", f"prefix_{p_tag}",
@@ -502,6 +497,21 @@ def _check_source(source: Path, cells: dict[str, dict[str, str]]) -> None:
         if name and known.get(name) != overrides:
             raise ValueError(f"--models-from {source}: cell {name!r} is {overrides} here but "
                              f"{known.get(name, 'not defined')} there ({path})")
+
+
+def _final_weights(run_dir: Path, steps: int) -> Path:
+    """A run's last checkpoint weights: a training job is done when they exist."""
+    return run_dir / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"
+
+
+def _train_argv(cfg: Config, flags: list[str], data: Path, run_dir: Path, variant: str, steps: int,
+                seed: int) -> list[str]:
+    """`fastwam train`'s arguments for one model of the study: the study's config, the model's own flags, its data,
+    run, budget and seed (one thread, resumable)."""
+    return _config_overrides(cfg) + flags + [
+        "--dataset", str(data), "--out", str(run_dir), "--variant", variant, "--steps", str(steps),
+        "--config.train.seed", str(seed), "--config.train.threads", "1", "--auto-resume", "--no-progress",
+    ]
 
 
 def _config_overrides(cfg: Config) -> list[str]:
